@@ -1,0 +1,326 @@
+"""Flash-style blockwise attention in pure JAX: online softmax forward, fused tiled backward.
+
+The two passes below are the single-device kernel every ring step calls. They work on arrays
+padded to whole blocks, with queries grouped by KV head (q_BTKGD: G = H // K query heads share a
+KV head, so K/V are never repeated), and *continue* accumulators instead of returning fresh ones:
+
+  forward:  (o, lse) -> (o, lse) after also attending to this k/v      [o f32, normalised]
+  backward: (dq, dk, dv) -> (dq, dk, dv) plus this k/v's contributions   [f32, unscaled]
+
+so a ring accumulates in place, with no full-size temporary per step. Tiles that the mask rules
+out are not computed and fully visible tiles apply no mask (masks.tile_state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ringattn.attention import inputs, masks
+from ringattn.attention.masks import FULL, PARTIAL, SKIP, MaskSpec, Ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static kernel settings; `kv_len` valid keys per k/v shard (its padded tail is masked)."""
+
+    spec: MaskSpec
+    scale: float
+    block_q: int
+    block_k: int
+    kv_len: int
+
+    @property
+    def kv_padded(self) -> bool:
+        return self.kv_len % self.block_k != 0
+
+
+class Side(NamedTuple):
+    """Positions [P, L] and segments [B, L] of one side, padded to whole blocks, with ranges."""
+
+    pos: jax.Array
+    seg: jax.Array | None
+    ranges: Ranges
+
+
+def pad_to_block(x, block, axis=1, mode="constant"):
+    pad = -x.shape[axis] % block
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def make_side(pos, seg, block) -> Side:
+    # Edge padding keeps the padded tokens inside the real ranges, so no tile looks wider.
+    pos = pad_to_block(pos, block, mode="edge")
+    seg = None if seg is None else pad_to_block(seg, block, mode="edge")
+    return Side(pos, seg, masks.block_ranges(pos, seg, block))
+
+
+def _tile_mask(cfg, qs: Side, ks: Side, i, j):
+    """Visibility [B|1, 1, 1, bq, bk] of tile (i, j), padded keys masked."""
+    bq, bk = cfg.block_q, cfg.block_k
+    sl = lambda x, n, b: None if x is None else lax.dynamic_slice_in_dim(x, n * b, b, 1)  # noqa: E731
+    vis = masks.token_visible(
+        cfg.spec, sl(qs.pos, i, bq), sl(ks.pos, j, bk), sl(qs.seg, i, bq), sl(ks.seg, j, bk)
+    )
+    if cfg.kv_padded:
+        vis &= (j * bk + jnp.arange(bk) < cfg.kv_len)[None, None, :]
+    return vis[:, None, None]
+
+
+def _state(cfg, qs: Side, ks: Side, i, j):
+    state = masks.tile_state(cfg.spec, masks.index_ranges(qs.ranges, i), masks.index_ranges(ks.ranges, j))
+    if cfg.kv_padded:
+        last = j == ks.pos.shape[1] // cfg.block_k - 1
+        state = jnp.where(last & (state == FULL), PARTIAL, state)
+    return state
+
+
+def _switch(state, skip, full, partial, *operands):
+    """lax.switch on SKIP/FULL/PARTIAL, with the branch order tied to the constants."""
+    branches = [None] * 3
+    branches[SKIP], branches[FULL], branches[PARTIAL] = skip, full, partial
+    return lax.switch(state, branches, *operands)
+
+
+def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, lse_BKGT):
+    """Continue the softmax state (o, lse) of every query with the keys k/v."""
+    bq, bk = cfg.block_q, cfg.block_k
+    nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
+    acc_dtype = o_BTKGD.dtype
+
+    def q_block(i, carry):
+        o_BTKGD, lse_BKGT = carry
+        q_BKGQD = jnp.moveaxis(lax.dynamic_slice_in_dim(q_BTKGD, i * bq, bq, 1), 1, 3)
+        o_BKGQD = jnp.moveaxis(lax.dynamic_slice_in_dim(o_BTKGD, i * bq, bq, 1), 1, 3)
+        m_BKGQ = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3)
+        # (o, lse) is the flash state (acc=o, m=lse, l=1): continuing it is exact.
+        init = (o_BKGQD, m_BKGQ, jnp.ones_like(m_BKGQ))
+
+        def tile(j, carry, masked):
+            acc, m, l = carry
+            k_BSKD_ = lax.dynamic_slice_in_dim(k_BSKD, j * bk, bk, 1)
+            v_BSKD_ = lax.dynamic_slice_in_dim(v_BSKD, j * bk, bk, 1)
+            s = jnp.einsum("bkgqd,bskd->bkgqs", q_BKGQD, k_BSKD_, preferred_element_type=acc_dtype)
+            s = s * cfg.scale
+            if masked:
+                s = jnp.where(_tile_mask(cfg, qs, ks, i, j), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            pv = jnp.einsum(
+                "bkgqs,bskd->bkgqd", p.astype(v_BSKD.dtype), v_BSKD_, preferred_element_type=acc_dtype
+            )
+            return acc * corr[..., None] + pv, m_new, l * corr + p.sum(-1)
+
+        def kv_block(j, carry):
+            return _switch(
+                _state(cfg, qs, ks, i, j),
+                lambda j, c: c,
+                functools.partial(tile, masked=False),
+                functools.partial(tile, masked=True),
+                j,
+                carry,
+            )
+
+        acc, m, l = lax.fori_loop(0, nk, kv_block, init)
+        seen = l > 0
+        o_BKGQD = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse_BKGQ = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        o_BTKGD = lax.dynamic_update_slice_in_dim(o_BTKGD, jnp.moveaxis(o_BKGQD, 3, 1), i * bq, 1)
+        lse_BKGT = lax.dynamic_update_slice_in_dim(lse_BKGT, lse_BKGQ, i * bq, 3)
+        return o_BTKGD, lse_BKGT
+
+    return lax.fori_loop(0, nq, q_block, (o_BTKGD, lse_BKGT))
+
+
+def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKGT, qs, ks, grads):
+    """Add this k/v's contributions to (dq, dk, dv), all f32 and without the softmax scale.
+
+    `lse` must map -inf (queries that see nothing) to +inf so that their p is 0, not NaN;
+    `delta` = rowsum(do * o) - dlse.
+    """
+    bq, bk = cfg.block_q, cfg.block_k
+    nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
+    acc_dtype = lse_BKGT.dtype
+    dt = q_BTKGD.dtype
+
+    def kv_block(j, carry):
+        dq_BTKGD, dk_BSKD, dv_BSKD = carry
+        k_BSKD_ = lax.dynamic_slice_in_dim(k_BSKD, j * bk, bk, 1)
+        v_BSKD_ = lax.dynamic_slice_in_dim(v_BSKD, j * bk, bk, 1)
+
+        def tile(i, carry, masked):
+            dq_BTKGD, dk_, dv_ = carry
+            q_ = lax.dynamic_slice_in_dim(q_BTKGD, i * bq, bq, 1)
+            do_ = lax.dynamic_slice_in_dim(do_BTKGD, i * bq, bq, 1)
+            lse_ = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3)[..., None]
+            delta_ = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, 3)[..., None]
+            s = jnp.einsum("bqkgd,bskd->bkgqs", q_, k_BSKD_, preferred_element_type=acc_dtype)
+            p = jnp.exp(s * cfg.scale - lse_)
+            if masked:
+                p = jnp.where(_tile_mask(cfg, qs, ks, i, j), p, 0.0)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_, v_BSKD_, preferred_element_type=acc_dtype)
+            ds = (p * (dp - delta_)).astype(dt)
+            dv_ = dv_ + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dt), do_, preferred_element_type=acc_dtype)
+            dk_ = dk_ + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_, preferred_element_type=acc_dtype)
+            dq_ = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_BSKD_, preferred_element_type=acc_dtype)
+            dq_ = lax.dynamic_slice_in_dim(dq_BTKGD, i * bq, bq, 1) + dq_
+            return lax.dynamic_update_slice_in_dim(dq_BTKGD, dq_, i * bq, 1), dk_, dv_
+
+        def q_block(i, carry):
+            return _switch(
+                _state(cfg, qs, ks, i, j),
+                lambda i, c: c,
+                functools.partial(tile, masked=False),
+                functools.partial(tile, masked=True),
+                i,
+                carry,
+            )
+
+        init = (
+            dq_BTKGD,
+            lax.dynamic_slice_in_dim(dk_BSKD, j * bk, bk, 1),
+            lax.dynamic_slice_in_dim(dv_BSKD, j * bk, bk, 1),
+        )
+        dq_BTKGD, dk_, dv_ = lax.fori_loop(0, nq, q_block, init)
+        dk_BSKD = lax.dynamic_update_slice_in_dim(dk_BSKD, dk_, j * bk, 1)
+        dv_BSKD = lax.dynamic_update_slice_in_dim(dv_BSKD, dv_, j * bk, 1)
+        return dq_BTKGD, dk_BSKD, dv_BSKD
+
+    return lax.fori_loop(0, nk, kv_block, grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-device attention: one forward pass and one backward pass of the kernel above.
+
+
+def group_heads(x_BTHD, num_kv_heads):
+    b, t, h, d = x_BTHD.shape
+    return x_BTHD.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
+
+
+def acc_dtype_of(x):
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def init_fwd_state(q_BTKGD):
+    b, t, k, g, _ = q_BTKGD.shape
+    acc = acc_dtype_of(q_BTKGD)
+    return jnp.zeros(q_BTKGD.shape, acc), jnp.full((b, k, g, t), -jnp.inf, acc)
+
+
+def bwd_rowstats(o_BTKGD, do_BTKGD, lse_BKGT, dlse_BKGT):
+    """(lse with -inf -> +inf, delta = rowsum(do * o) - dlse), both [B, K, G, T] f32."""
+    acc = lse_BKGT.dtype
+    delta = jnp.einsum("btkgd,btkgd->bkgt", do_BTKGD.astype(acc), o_BTKGD.astype(acc))
+    if dlse_BKGT is not None:
+        delta = delta - dlse_BKGT
+    return jnp.where(lse_BKGT == -jnp.inf, jnp.inf, lse_BKGT), delta
+
+
+def _sides(cfg, m: inputs.MaskArrays):
+    return make_side(m.q_pos, m.q_seg, cfg.block_q), make_side(m.kv_pos, m.kv_seg, cfg.block_k)
+
+
+def _fwd(cfg, q, k, v, m):
+    b, t, h, d = q.shape
+    qs, ks = _sides(cfg, m)
+    q_ = pad_to_block(group_heads(q, k.shape[2]), cfg.block_q)
+    o, lse = fwd_pass(
+        cfg, q_, pad_to_block(k, cfg.block_k), pad_to_block(v, cfg.block_k), qs, ks, *init_fwd_state(q_)
+    )
+    out = o[:, :t].reshape(b, t, h, d).astype(q.dtype)
+    lse = lse[..., :t].reshape(b, h, t)
+    return (out, lse), (q, k, v, m, out, lse)
+
+
+def _bwd(cfg, res, cts):
+    q, k, v, m, out, lse = res
+    dout, dlse = cts
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qs, ks = _sides(cfg, m)
+    lse_ = lse.reshape(b, kh, h // kh, t)
+    dlse_ = None if dlse is None else dlse.reshape(lse_.shape)
+    lse_, delta = bwd_rowstats(group_heads(out, kh), group_heads(dout, kh), lse_, dlse_)
+    pad_q = lambda x: pad_to_block(x, cfg.block_q)  # noqa: E731
+    pad_t = lambda x: pad_to_block(x, cfg.block_q, axis=3)  # noqa: E731
+    q_, do_ = pad_q(group_heads(q, kh)), pad_q(group_heads(dout.astype(q.dtype), kh))
+    k_, v_ = pad_to_block(k, cfg.block_k), pad_to_block(v, cfg.block_k)
+    acc = lse.dtype
+    grads = (jnp.zeros(q_.shape, acc), jnp.zeros(k_.shape, acc), jnp.zeros(v_.shape, acc))
+    dq, dk, dv = bwd_pass(cfg, q_, k_, v_, do_, pad_t(lse_), pad_t(delta), qs, ks, grads)
+    s = k.shape[1]
+    dq = (dq[:, :t] * cfg.scale).reshape(q.shape).astype(q.dtype)
+    dk = (dk[:, :s] * cfg.scale).astype(k.dtype)
+    dv = dv[:, :s].astype(v.dtype)
+    return dq, dk, dv, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, m):
+    return _fwd(cfg, q, k, v, m)[0]
+
+
+def _attention_fwd(cfg, q, k, v, m):
+    return _fwd(cfg, q, k, v, m)
+
+
+_attention.defvjp(_attention_fwd, _bwd)
+
+
+def check_blocks(fn, block_q, block_k):
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(b, int) or b <= 0:
+            raise ValueError(f"{fn}: `{name}` must be a positive int, got {b!r}.")
+
+
+def blockwise_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    local_window_size=None,
+    segment_ids=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    scale=None,
+    block_q=512,
+    block_k=512,
+    return_lse=False,
+):
+    """Exact attention in O(T) memory, same arguments and results as `reference_attention`.
+
+    Lengths need not be multiples of the block sizes. lse is natural-log, f32, [B, H, T].
+    """
+    fn = "blockwise_attention"
+    spec, m, scale = inputs.check_and_normalize(
+        fn,
+        q,
+        k,
+        v,
+        causal=causal,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        scale=scale,
+    )
+    check_blocks(fn, block_q, block_k)
+    t, s = q.shape[1], k.shape[1]
+    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s)
+    out, lse = _attention(cfg, q, k, v, m)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,97 @@
+"""The mask algebra: which (query, key) pairs are visible, per token and per tile.
+
+A pair (i, j) is visible when all of these hold (positions, not array indices):
+    * segments:  seg_q(i) == seg_kv(j)                   (packed documents)
+    * causal:    pos_kv(j) <= pos_q(i)
+    * window:    pos_q(i) - left <= pos_kv(j) <= pos_q(i) + right
+
+The same rule is decided twice: per token inside a tile (`token_visible`), and per tile from the
+ranges of positions and segment ids it covers (`tile_state`), so that a tile that is fully masked
+is skipped and a fully visible one applies no mask. The tile rule is conservative: it may call a
+tile PARTIAL that is in fact empty or full, never the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SKIP, FULL, PARTIAL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """The static part of a mask: causal flag and (left, right) window, or None."""
+
+    causal: bool = False
+    window: tuple[int, int] | None = None
+
+
+class Ranges(NamedTuple):
+    """Inclusive (lo, hi) bounds of positions and segment ids over a set of tokens."""
+
+    pos_lo: jax.Array
+    pos_hi: jax.Array
+    seg_lo: jax.Array | None
+    seg_hi: jax.Array | None
+
+
+def token_visible(spec: MaskSpec, q_pos, kv_pos, q_seg=None, kv_seg=None):
+    """Boolean visibility [..., Tq, Tk] from positions [..., Tq] / [..., Tk] and segment ids."""
+    qp, kp = q_pos[..., :, None], kv_pos[..., None, :]
+    visible = None
+
+    def conj(a, b):
+        return b if a is None else a & b
+
+    if spec.causal:
+        visible = conj(visible, kp <= qp)
+    if spec.window is not None:
+        left, right = spec.window
+        visible = conj(visible, (kp >= qp - left) & (kp <= qp + right))
+    if q_seg is not None:
+        visible = conj(visible, q_seg[..., :, None] == kv_seg[..., None, :])
+    if visible is None:
+        visible = jnp.ones(qp.shape[:-1] + kp.shape[-1:], bool)
+    return visible
+
+
+def tile_state(spec: MaskSpec, q: Ranges, kv: Ranges):
+    """SKIP if no pair of the two token sets is visible, FULL if every pair is, else PARTIAL."""
+    empty = jnp.asarray(False)
+    full = jnp.asarray(True)
+    if spec.causal:
+        empty |= kv.pos_lo > q.pos_hi
+        full &= kv.pos_hi <= q.pos_lo
+    if spec.window is not None:
+        left, right = spec.window
+        empty |= (kv.pos_hi < q.pos_lo - left) | (kv.pos_lo > q.pos_hi + right)
+        full &= (kv.pos_lo >= q.pos_hi - left) & (kv.pos_hi <= q.pos_lo + right)
+    if q.seg_lo is not None:
+        empty |= (q.seg_hi < kv.seg_lo) | (kv.seg_hi < q.seg_lo)
+        full &= (q.seg_lo == q.seg_hi) & (kv.seg_lo == kv.seg_hi) & (q.seg_lo == kv.seg_lo)
+    return jnp.where(empty, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
+
+
+def block_ranges(pos_PL, seg_BL, block: int) -> Ranges:
+    """Per-block ranges [L // block] of positions [P, L] and segment ids [B, L] (L % block == 0)."""
+
+    def lo_hi(x):
+        x = x.reshape(x.shape[0], -1, block)
+        return x.min(axis=(0, 2)), x.max(axis=(0, 2))
+
+    seg = lo_hi(seg_BL) if seg_BL is not None else (None, None)
+    return Ranges(*lo_hi(pos_PL), *seg)
+
+
+def reduce_ranges(r: Ranges) -> Ranges:
+    """Ranges over all blocks together."""
+    red = lambda x, f: None if x is None else f(x)  # noqa: E731
+    return Ranges(r.pos_lo.min(), r.pos_hi.max(), red(r.seg_lo, jnp.min), red(r.seg_hi, jnp.max))
+
+
+def index_ranges(r: Ranges, i) -> Ranges:
+    return Ranges(*(None if x is None else x[i] for x in r))
