@@ -214,9 +214,10 @@ def acc_dtype_of(x):
 
 
 def init_fwd_state(q_BTKGD):
-    b, t, k, g, _ = q_BTKGD.shape
+    """(o = 0, lse = -inf). *_like keeps the inputs' shard_map varying-axes type."""
     acc = acc_dtype_of(q_BTKGD)
-    return jnp.zeros(q_BTKGD.shape, acc), jnp.full((b, k, g, t), -jnp.inf, acc)
+    lse_BTKG = jnp.full_like(q_BTKGD[..., 0], -jnp.inf, dtype=acc)
+    return jnp.zeros_like(q_BTKGD, dtype=acc), jnp.moveaxis(lse_BTKG, 1, 3)
 
 
 def bwd_rowstats(o_BTKGD, do_BTKGD, lse_BKGT, dlse_BKGT):
@@ -258,7 +259,7 @@ def _bwd(cfg, res, cts):
     q_, do_ = pad_q(group_heads(q, kh)), pad_q(group_heads(dout.astype(q.dtype), kh))
     k_, v_ = pad_to_block(k, cfg.block_k), pad_to_block(v, cfg.block_k)
     acc = lse.dtype
-    grads = (jnp.zeros(q_.shape, acc), jnp.zeros(k_.shape, acc), jnp.zeros(v_.shape, acc))
+    grads = tuple(jnp.zeros_like(x, dtype=acc) for x in (q_, k_, v_))
     dq, dk, dv = bwd_pass(cfg, q_, k_, v_, do_, pad_t(lse_), pad_t(delta), qs, ks, grads)
     s = k.shape[1]
     dq = (dq[:, :t] * cfg.scale).reshape(q.shape).astype(q.dtype)

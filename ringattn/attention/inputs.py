@@ -130,7 +130,7 @@ def check_and_normalize(
     def positions(name, x, length):
         if x is None:
             return jnp.arange(length, dtype=jnp.int32)[None]
-        _check_int(fn, name, x, [(length,), (batch, length)])
+        _check_int(fn, name, x, sorted({(length,), (1, length), (batch, length)}))
         x = jnp.asarray(x, jnp.int32)
         return x[None] if x.ndim == 1 else x
 

@@ -1,0 +1,189 @@
+"""Ring attention (pass-KV), called inside `jax.shard_map` on the local shards.
+
+At step s device r holds the k/v shard of device r - s. Each step first issues the send of the
+shard it holds to r + 1, then continues its softmax state with that shard, so XLA can overlap the
+transfer with the compute; the forward sends n - 1 times. A step whose shard the mask rules out
+entirely (a causal future shard, a shard outside every window) computes nothing.
+
+The backward runs the same ring. dK/dV accumulators travel with their K/V, gather every device's
+contribution and arrive home after the n-th send; dQ stays put. All accumulators are updated in
+place by the blockwise kernel, so no step allocates a full-size temporary.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ringattn.attention import blockwise, inputs, masks
+from ringattn.attention.blockwise import Config, Side
+from ringattn.parallel import layouts
+
+
+def _send_next(x, axis_name, n):
+    return lax.ppermute(x, axis_name, perm=[(i, (i + 1) % n) for i in range(n)])
+
+
+def _kv_side(cfg, pos, seg) -> Side:
+    return Side(pos, seg, masks.block_ranges(pos, seg, cfg.block_k))
+
+
+def _visible(cfg, qs: Side, ks: Side):
+    """Whether any query of this device sees any key of the shard it holds."""
+    state = masks.tile_state(cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges))
+    return state != masks.SKIP
+
+
+def _ring_loop(n, axis_name, compute, kv, carry, send_carry=False):
+    """n steps of `carry = compute(kv, carry)`, passing kv on after each of the first n - 1.
+
+    With `send_carry`, the carry's last element (dK/dV) also moves on after every step, n times.
+    """
+
+    def step(_, state):
+        kv, carry = state
+        kv_next = _send_next(kv, axis_name, n)  # issued before the compute it overlaps
+        carry = compute(kv, carry)
+        if send_carry:
+            carry = (*carry[:-1], _send_next(carry[-1], axis_name, n))
+        return kv_next, carry
+
+    kv, carry = lax.fori_loop(0, n - 1, step, (kv, carry))
+    carry = compute(kv, carry)
+    if send_carry and n > 1:
+        carry = (*carry[:-1], _send_next(carry[-1], axis_name, n))
+    return carry
+
+
+def _prepare(cfg, q, k, v, m):
+    kh = k.shape[2]
+    qs = blockwise.make_side(m.q_pos, m.q_seg, cfg.block_q)
+    kpos = blockwise.pad_to_block(m.kv_pos, cfg.block_k, mode="edge")
+    kseg = None if m.kv_seg is None else blockwise.pad_to_block(m.kv_seg, cfg.block_k, mode="edge")
+    q_ = blockwise.pad_to_block(blockwise.group_heads(q, kh), cfg.block_q)
+    kv = (blockwise.pad_to_block(k, cfg.block_k), blockwise.pad_to_block(v, cfg.block_k), kpos, kseg)
+    return qs, q_, kv
+
+
+def _fwd(cfg, axis_name, q, k, v, m):
+    b, t, h, d = q.shape
+    n = lax.psum(1, axis_name)
+    qs, q_, kv = _prepare(cfg, q, k, v, m)
+
+    def compute(kv, carry):
+        k_, v_, kpos, kseg = kv
+        ks = _kv_side(cfg, kpos, kseg)
+        return lax.cond(
+            _visible(cfg, qs, ks),
+            lambda c: blockwise.fwd_pass(cfg, q_, k_, v_, qs, ks, *c),
+            lambda c: c,
+            carry,
+        )
+
+    o, lse = _ring_loop(n, axis_name, compute, kv, blockwise.init_fwd_state(q_))
+    out = o[:, :t].reshape(b, t, h, d).astype(q.dtype)
+    lse = lse[..., :t].reshape(b, h, t)
+    return (out, lse), (q, k, v, m, out, lse)
+
+
+def _bwd(cfg, axis_name, res, cts):
+    q, k, v, m, out, lse = res
+    dout, dlse = cts
+    b, t, h, d = q.shape
+    kh, s = k.shape[2], k.shape[1]
+    n = lax.psum(1, axis_name)
+    qs, q_, kv = _prepare(cfg, q, k, v, m)
+    lse_ = lse.reshape(b, kh, h // kh, t)
+    dlse_ = None if dlse is None else dlse.reshape(lse_.shape)
+    lse_, delta = blockwise.bwd_rowstats(
+        blockwise.group_heads(out, kh), blockwise.group_heads(dout, kh), lse_, dlse_
+    )
+    pad_t = lambda x: blockwise.pad_to_block(x, cfg.block_q, axis=3)  # noqa: E731
+    lse_, delta = pad_t(lse_), pad_t(delta)
+    do_ = blockwise.pad_to_block(blockwise.group_heads(dout.astype(q.dtype), kh), cfg.block_q)
+
+    def compute(kv, carry):
+        k_, v_, kpos, kseg = kv
+        dq, (dk, dv) = carry
+        ks = _kv_side(cfg, kpos, kseg)
+        dq, dk, dv = lax.cond(
+            _visible(cfg, qs, ks),
+            lambda g: blockwise.bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, ks, g),
+            lambda g: g,
+            (dq, dk, dv),
+        )
+        return dq, (dk, dv)
+
+    acc = lse.dtype
+    zeros = lambda x: jnp.zeros_like(x, dtype=acc)  # noqa: E731
+    carry = (zeros(q_), (zeros(kv[0]), zeros(kv[1])))
+    dq, (dk, dv) = _ring_loop(n, axis_name, compute, kv, carry, send_carry=True)
+    dq = (dq[:, :t] * cfg.scale).reshape(q.shape).astype(q.dtype)
+    dk = (dk[:, :s] * cfg.scale).astype(k.dtype)
+    dv = dv[:, :s].astype(v.dtype)
+    return dq, dk, dv, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(cfg, axis_name, q, k, v, m):
+    return _fwd(cfg, axis_name, q, k, v, m)[0]
+
+
+_ring.defvjp(_fwd, _bwd)
+
+
+def ring_attention(
+    q,
+    k,
+    v,
+    *,
+    axis_name,
+    layout="contiguous",
+    causal=False,
+    local_window_size=None,
+    segment_ids=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    scale=None,
+    block_q=512,
+    block_k=512,
+    return_lse=False,
+):
+    """Exact attention over a sequence sharded along the mesh axis `axis_name`.
+
+    Call inside `jax.shard_map`; q/k/v, segment ids and positions are this device's shards, in
+    `layout` order. Positions not given are those `layout` assigns to this device. Returns the
+    local output (and lse [B, H, T_local], f32), exactly as dense attention over the whole sequence.
+    """
+    fn = "ring_attention"
+    inputs.check_qkv(fn, q, k, v)
+    n = lax.psum(1, axis_name)
+    idx = lax.axis_index(axis_name)
+    t, s = q.shape[1], k.shape[1]
+    if q_positions is None:
+        layouts.check_layout(fn, layout, t * n, n, "global query length")
+        q_positions = layouts.shard_positions(layout, t, idx, n)
+    if kv_positions is None:
+        layouts.check_layout(fn, layout, s * n, n, "global key length")
+        kv_positions = layouts.shard_positions(layout, s, idx, n)
+    spec, m, scale = inputs.check_and_normalize(
+        fn,
+        q,
+        k,
+        v,
+        causal=causal,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        scale=scale,
+    )
+    blockwise.check_blocks(fn, block_q, block_k)
+    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s)
+    out, lse = _ring(cfg, axis_name, q, k, v, m)
+    return (out, lse) if return_lse else out
