@@ -34,6 +34,7 @@ class Config:
     block_q: int
     block_k: int
     kv_len: int
+    dtype: jnp.dtype  # of q, k, v (which may be stored as bits, see `to_storage`)
 
     @property
     def kv_padded(self) -> bool:
@@ -77,11 +78,32 @@ def _tile_mask(cfg, qs: Side, ks: Side, i, j):
 
 
 def _state(cfg, qs: Side, ks: Side, i, j):
-    state = masks.tile_state(cfg.spec, masks.index_ranges(qs.ranges, i), masks.index_ranges(ks.ranges, j))
+    state = masks.tile_state(
+        cfg.spec, masks.index_ranges(qs.ranges, i), masks.index_ranges(ks.ranges, j)
+    )
     if cfg.kv_padded:
         last = j == ks.pos.shape[1] // cfg.block_k - 1
         state = jnp.where(last & (state == FULL), PARTIAL, state)
     return state
+
+
+def to_storage(x):
+    """Narrow floats (bf16, f16) as same-width unsigned ints; other arrays unchanged.
+
+    XLA:CPU computes bf16 dots in f32, and on a whole loop-invariant bf16 array it hoists that
+    conversion out of the tile loop, adding a full-size f32 copy of q, k, v and do. Integer bits
+    cannot be converted early, so kernels keep narrow operands as bits and reinterpret each tile
+    (`_tile`). Elsewhere the bitcasts are free.
+    """
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+        return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return x
+
+
+def _tile(x, n, block, dtype):
+    """Block n of x along axis 1, as `dtype` (see `to_storage`)."""
+    t = lax.dynamic_slice_in_dim(x, n * block, block, 1)
+    return t if t.dtype == dtype else lax.bitcast_convert_type(t, dtype)
 
 
 def _switch(state, skip, full, partial, *operands):
@@ -99,16 +121,16 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, 
 
     def q_block(i, carry):
         o_BTKGD, lse_BKGT = carry
-        q_BKGQD = jnp.moveaxis(lax.dynamic_slice_in_dim(q_BTKGD, i * bq, bq, 1), 1, 3)
+        q_BKGQD = jnp.moveaxis(_tile(q_BTKGD, i, bq, cfg.dtype), 1, 3)
         o_BKGQD = jnp.moveaxis(lax.dynamic_slice_in_dim(o_BTKGD, i * bq, bq, 1), 1, 3)
         m_BKGQ = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3)
-        # (o, lse) is the flash state (acc=o, m=lse, l=1): continuing it is exact.
+        # (o, lse) is the flash state (acc = o, max = lse, sum = 1): continuing it is exact.
         init = (o_BKGQD, m_BKGQ, jnp.ones_like(m_BKGQ))
 
         def tile(j, carry, masked):
-            acc, m, l = carry
-            k_BSKD_ = lax.dynamic_slice_in_dim(k_BSKD, j * bk, bk, 1)
-            v_BSKD_ = lax.dynamic_slice_in_dim(v_BSKD, j * bk, bk, 1)
+            acc, m, den = carry
+            k_BSKD_ = _tile(k_BSKD, j, bk, cfg.dtype)
+            v_BSKD_ = _tile(v_BSKD, j, bk, cfg.dtype)
             s = jnp.einsum("bkgqd,bskd->bkgqs", q_BKGQD, k_BSKD_, preferred_element_type=acc_dtype)
             s = s * cfg.scale
             if masked:
@@ -118,9 +140,9 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, 
             p = jnp.exp(s - m_safe[..., None])
             corr = jnp.exp(m - m_safe)
             pv = jnp.einsum(
-                "bkgqs,bskd->bkgqd", p.astype(v_BSKD.dtype), v_BSKD_, preferred_element_type=acc_dtype
+                "bkgqs,bskd->bkgqd", p.astype(cfg.dtype), v_BSKD_, preferred_element_type=acc_dtype
             )
-            return acc * corr[..., None] + pv, m_new, l * corr + p.sum(-1)
+            return acc * corr[..., None] + pv, m_new, den * corr + p.sum(-1)
 
         def kv_block(j, carry):
             return _switch(
@@ -132,10 +154,10 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, 
                 carry,
             )
 
-        acc, m, l = lax.fori_loop(0, nk, kv_block, init)
-        seen = l > 0
-        o_BKGQD = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse_BKGQ = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        acc, m, den = lax.fori_loop(0, nk, kv_block, init)
+        seen = den > 0
+        o_BKGQD = acc / jnp.where(seen, den, 1.0)[..., None]
+        lse_BKGQ = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
         o_BTKGD = lax.dynamic_update_slice_in_dim(o_BTKGD, jnp.moveaxis(o_BKGQD, 3, 1), i * bq, 1)
         lse_BKGT = lax.dynamic_update_slice_in_dim(lse_BKGT, lse_BKGQ, i * bq, 3)
         return o_BTKGD, lse_BKGT
@@ -152,17 +174,17 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
     bq, bk = cfg.block_q, cfg.block_k
     nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
     acc_dtype = lse_BKGT.dtype
-    dt = q_BTKGD.dtype
+    dt = cfg.dtype
 
     def kv_block(j, carry):
         dq_BTKGD, dk_BSKD, dv_BSKD = carry
-        k_BSKD_ = lax.dynamic_slice_in_dim(k_BSKD, j * bk, bk, 1)
-        v_BSKD_ = lax.dynamic_slice_in_dim(v_BSKD, j * bk, bk, 1)
+        k_BSKD_ = _tile(k_BSKD, j, bk, cfg.dtype)
+        v_BSKD_ = _tile(v_BSKD, j, bk, cfg.dtype)
 
         def tile(i, carry, masked):
             dq_BTKGD, dk_, dv_ = carry
-            q_ = lax.dynamic_slice_in_dim(q_BTKGD, i * bq, bq, 1)
-            do_ = lax.dynamic_slice_in_dim(do_BTKGD, i * bq, bq, 1)
+            q_ = _tile(q_BTKGD, i, bq, cfg.dtype)
+            do_ = _tile(do_BTKGD, i, bq, cfg.dtype)
             lse_ = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3)[..., None]
             delta_ = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, 3)[..., None]
             s = jnp.einsum("bqkgd,bskd->bkgqs", q_, k_BSKD_, preferred_element_type=acc_dtype)
@@ -171,7 +193,9 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
                 p = jnp.where(_tile_mask(cfg, qs, ks, i, j), p, 0.0)
             dp = jnp.einsum("bqkgd,bskd->bkgqs", do_, v_BSKD_, preferred_element_type=acc_dtype)
             ds = (p * (dp - delta_)).astype(dt)
-            dv_ = dv_ + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dt), do_, preferred_element_type=acc_dtype)
+            dv_ = dv_ + jnp.einsum(
+                "bkgqs,bqkgd->bskd", p.astype(dt), do_, preferred_element_type=acc_dtype
+            )
             dk_ = dk_ + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_, preferred_element_type=acc_dtype)
             dq_ = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_BSKD_, preferred_element_type=acc_dtype)
             dq_ = lax.dynamic_slice_in_dim(dq_BTKGD, i * bq, bq, 1) + dq_
@@ -209,63 +233,79 @@ def group_heads(x_BTHD, num_kv_heads):
     return x_BTHD.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
 
 
-def acc_dtype_of(x):
-    return jnp.promote_types(x.dtype, jnp.float32)
+def acc_dtype(cfg):
+    return jnp.promote_types(cfg.dtype, jnp.float32)
 
 
-def init_fwd_state(q_BTKGD):
+def prepare(cfg, q, k, v, m: inputs.MaskArrays):
+    """Kernel operands: q side, q_BTKGD and the k/v bundle (k, v, kv positions, kv segments),
+    padded to whole blocks, narrow floats as bits. The k/v bundle is what a ring passes on."""
+    qs = make_side(m.q_pos, m.q_seg, cfg.block_q)
+    q_ = to_storage(pad_to_block(group_heads(q, k.shape[2]), cfg.block_q))
+    kpos = pad_to_block(m.kv_pos, cfg.block_k, mode="edge")
+    kseg = None if m.kv_seg is None else pad_to_block(m.kv_seg, cfg.block_k, mode="edge")
+    k_, v_ = (to_storage(pad_to_block(x, cfg.block_k)) for x in (k, v))
+    return qs, q_, (k_, v_, kpos, kseg)
+
+
+def kv_side(cfg, kpos, kseg) -> Side:
+    return Side(kpos, kseg, masks.block_ranges(kpos, kseg, cfg.block_k))
+
+
+def init_fwd_state(cfg, q_BTKGD):
     """(o = 0, lse = -inf). *_like keeps the inputs' shard_map varying-axes type."""
-    acc = acc_dtype_of(q_BTKGD)
+    acc = acc_dtype(cfg)
     lse_BTKG = jnp.full_like(q_BTKGD[..., 0], -jnp.inf, dtype=acc)
     return jnp.zeros_like(q_BTKGD, dtype=acc), jnp.moveaxis(lse_BTKG, 1, 3)
 
 
-def bwd_rowstats(o_BTKGD, do_BTKGD, lse_BKGT, dlse_BKGT):
-    """(lse with -inf -> +inf, delta = rowsum(do * o) - dlse), both [B, K, G, T] f32."""
-    acc = lse_BKGT.dtype
-    delta = jnp.einsum("btkgd,btkgd->bkgt", do_BTKGD.astype(acc), o_BTKGD.astype(acc))
-    if dlse_BKGT is not None:
-        delta = delta - dlse_BKGT
-    return jnp.where(lse_BKGT == -jnp.inf, jnp.inf, lse_BKGT), delta
+def finish_fwd(cfg, q, o_BTKGD, lse_BKGT):
+    """Unpad: out [B, T, H, D] in q's dtype, lse [B, H, T]."""
+    b, t, h, d = q.shape
+    return o_BTKGD[:, :t].reshape(b, t, h, d).astype(q.dtype), lse_BKGT[..., :t].reshape(b, h, t)
 
 
-def _sides(cfg, m: inputs.MaskArrays):
-    return make_side(m.q_pos, m.q_seg, cfg.block_q), make_side(m.kv_pos, m.kv_seg, cfg.block_k)
+def prepare_bwd(cfg, k, out, lse, dout, dlse):
+    """(do_BTKGD, lse, delta): lse with -inf -> +inf so that p = 0 there, never NaN, and
+    delta = rowsum(do * o) - dlse; both [B, K, G, T] f32, padded like q."""
+    b, t, h, _ = out.shape
+    kh = k.shape[2]
+    o_, do_ = group_heads(out, kh), group_heads(dout, kh)
+    acc = acc_dtype(cfg)
+    # An elementwise product and a reduction fuse into one loop: no f32 copy of do or o.
+    delta = jnp.moveaxis(jnp.sum(do_.astype(acc) * o_.astype(acc), axis=-1), 1, 3)
+    lse_ = lse.reshape(delta.shape)
+    if dlse is not None:
+        delta = delta - dlse.reshape(delta.shape)
+    lse_ = jnp.where(lse_ == -jnp.inf, jnp.inf, lse_)
+    pad_t = lambda x: pad_to_block(x, cfg.block_q, axis=3)  # noqa: E731
+    do_ = to_storage(pad_to_block(do_.astype(cfg.dtype), cfg.block_q))
+    return do_, pad_t(lse_), pad_t(delta)
+
+
+def finish_bwd(cfg, q, k, v, dq_BTKGD, dk_BSKD, dv_BSKD):
+    """Unpad, apply the softmax scale, cast to the input dtypes."""
+    t, s = q.shape[1], k.shape[1]
+    dq = (dq_BTKGD[:, :t] * cfg.scale).reshape(q.shape).astype(q.dtype)
+    dk = (dk_BSKD[:, :s] * cfg.scale).astype(k.dtype)
+    return dq, dk, dv_BSKD[:, :s].astype(v.dtype)
 
 
 def _fwd(cfg, q, k, v, m):
-    b, t, h, d = q.shape
-    qs, ks = _sides(cfg, m)
-    q_ = pad_to_block(group_heads(q, k.shape[2]), cfg.block_q)
-    o, lse = fwd_pass(
-        cfg, q_, pad_to_block(k, cfg.block_k), pad_to_block(v, cfg.block_k), qs, ks, *init_fwd_state(q_)
-    )
-    out = o[:, :t].reshape(b, t, h, d).astype(q.dtype)
-    lse = lse[..., :t].reshape(b, h, t)
+    qs, q_, (k_, v_, kpos, kseg) = prepare(cfg, q, k, v, m)
+    state = init_fwd_state(cfg, q_)
+    out, lse = finish_fwd(cfg, q, *fwd_pass(cfg, q_, k_, v_, qs, kv_side(cfg, kpos, kseg), *state))
     return (out, lse), (q, k, v, m, out, lse)
 
 
 def _bwd(cfg, res, cts):
     q, k, v, m, out, lse = res
-    dout, dlse = cts
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    qs, ks = _sides(cfg, m)
-    lse_ = lse.reshape(b, kh, h // kh, t)
-    dlse_ = None if dlse is None else dlse.reshape(lse_.shape)
-    lse_, delta = bwd_rowstats(group_heads(out, kh), group_heads(dout, kh), lse_, dlse_)
-    pad_q = lambda x: pad_to_block(x, cfg.block_q)  # noqa: E731
-    pad_t = lambda x: pad_to_block(x, cfg.block_q, axis=3)  # noqa: E731
-    q_, do_ = pad_q(group_heads(q, kh)), pad_q(group_heads(dout.astype(q.dtype), kh))
-    k_, v_ = pad_to_block(k, cfg.block_k), pad_to_block(v, cfg.block_k)
-    acc = lse.dtype
+    qs, q_, (k_, v_, kpos, kseg) = prepare(cfg, q, k, v, m)
+    do_, lse_, delta = prepare_bwd(cfg, k, out, lse, *cts)
+    acc = acc_dtype(cfg)
     grads = tuple(jnp.zeros_like(x, dtype=acc) for x in (q_, k_, v_))
-    dq, dk, dv = bwd_pass(cfg, q_, k_, v_, do_, pad_t(lse_), pad_t(delta), qs, ks, grads)
-    s = k.shape[1]
-    dq = (dq[:, :t] * cfg.scale).reshape(q.shape).astype(q.dtype)
-    dk = (dk[:, :s] * cfg.scale).astype(k.dtype)
-    dv = dv[:, :s].astype(v.dtype)
-    return dq, dk, dv, None
+    grads = bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, kv_side(cfg, kpos, kseg), grads)
+    return (*finish_bwd(cfg, q, k, v, *grads), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -322,6 +362,7 @@ def blockwise_attention(
     )
     check_blocks(fn, block_q, block_k)
     t, s = q.shape[1], k.shape[1]
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s)
-    out, lse = _attention(cfg, q, k, v, m)
+    dtype = jnp.result_type(q, k, v)
+    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype)
+    out, lse = _attention(cfg, q.astype(dtype), k.astype(dtype), v.astype(dtype), m)
     return (out, lse) if return_lse else out

@@ -16,7 +16,7 @@ from ringattn.attention.masks import MaskSpec
 
 
 class MaskArrays(NamedTuple):
-    """The array part of a mask, normalised: positions [P, L] int32 (P is 1 or B), segments [B, L]."""
+    """A mask's arrays, normalised: positions [P, L] int32 (P is 1 or B), segments [B, L]."""
 
     q_pos: jax.Array
     kv_pos: jax.Array
@@ -73,7 +73,9 @@ def check_qkv(fn, q, k, v):
                 f"{fn}: `{name}` must be a floating-point array, got dtype {jnp.result_type(x)}."
             )
     if _shape(k) != _shape(v):
-        raise ValueError(f"{fn}: `k` and `v` must have the same shape, got {k.shape} and {v.shape}.")
+        raise ValueError(
+            f"{fn}: `k` and `v` must have the same shape, got {k.shape} and {v.shape}."
+        )
     (b, _, h, d), (bk, _, kh, dk) = q.shape, k.shape
     if b != bk:
         raise ValueError(f"{fn}: `q` and `k` batch sizes differ: {b} and {bk}.")

@@ -89,7 +89,9 @@ def context_parallel_attention(
     qkv = P(None, axis_name, None, None)
     args = (q, k, v, m.q_pos, m.kv_pos, m.q_seg, m.kv_seg)
     specs = (qkv, qkv, qkv, seq, seq, seq, seq)
-    args = tuple(None if x is None else _place(x, mesh, sp) for x, sp in zip(args, specs, strict=True))
+    args = tuple(
+        None if x is None else _place(x, mesh, sp) for x, sp in zip(args, specs, strict=True)
+    )
 
     def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
         return ring.ring_attention(

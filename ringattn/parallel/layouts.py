@@ -44,7 +44,7 @@ def shard_positions(layout, local_len, index, num_shards):
 
 
 def layout_positions(layout, length, num_shards):
-    """Positions [length] of a whole sequence in layout order (the permutation to_layout applies)."""
+    """Positions [length] of a sequence in layout order: the permutation to_layout applies."""
     check_layout("layout_positions", layout, length, num_shards)
     local = length // num_shards
     return np.concatenate(

@@ -23,17 +23,17 @@ from ringattn.attention.blockwise import Config, Side
 from ringattn.parallel import layouts
 
 
-def _send_next(x, axis_name, n):
-    return lax.ppermute(x, axis_name, perm=[(i, (i + 1) % n) for i in range(n)])
-
-
-def _kv_side(cfg, pos, seg) -> Side:
-    return Side(pos, seg, masks.block_ranges(pos, seg, cfg.block_k))
+def _send_next(tree, axis_name, n):
+    """Send every array of `tree` to the next device of the ring (r -> r + 1). Narrow floats
+    travel as bits (blockwise.to_storage), which also keeps XLA:CPU from widening them."""
+    return lax.ppermute(tree, axis_name, perm=[(i, (i + 1) % n) for i in range(n)])
 
 
 def _visible(cfg, qs: Side, ks: Side):
     """Whether any query of this device sees any key of the shard it holds."""
-    state = masks.tile_state(cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges))
+    state = masks.tile_state(
+        cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges)
+    )
     return state != masks.SKIP
 
 
@@ -58,57 +58,34 @@ def _ring_loop(n, axis_name, compute, kv, carry, send_carry=False):
     return carry
 
 
-def _prepare(cfg, q, k, v, m):
-    kh = k.shape[2]
-    qs = blockwise.make_side(m.q_pos, m.q_seg, cfg.block_q)
-    kpos = blockwise.pad_to_block(m.kv_pos, cfg.block_k, mode="edge")
-    kseg = None if m.kv_seg is None else blockwise.pad_to_block(m.kv_seg, cfg.block_k, mode="edge")
-    q_ = blockwise.pad_to_block(blockwise.group_heads(q, kh), cfg.block_q)
-    kv = (blockwise.pad_to_block(k, cfg.block_k), blockwise.pad_to_block(v, cfg.block_k), kpos, kseg)
-    return qs, q_, kv
-
-
 def _fwd(cfg, axis_name, q, k, v, m):
-    b, t, h, d = q.shape
-    n = lax.psum(1, axis_name)
-    qs, q_, kv = _prepare(cfg, q, k, v, m)
+    qs, q_, kv = blockwise.prepare(cfg, q, k, v, m)
 
-    def compute(kv, carry):
+    def compute(kv, state):
         k_, v_, kpos, kseg = kv
-        ks = _kv_side(cfg, kpos, kseg)
+        ks = blockwise.kv_side(cfg, kpos, kseg)
         return lax.cond(
             _visible(cfg, qs, ks),
             lambda c: blockwise.fwd_pass(cfg, q_, k_, v_, qs, ks, *c),
             lambda c: c,
-            carry,
+            state,
         )
 
-    o, lse = _ring_loop(n, axis_name, compute, kv, blockwise.init_fwd_state(q_))
-    out = o[:, :t].reshape(b, t, h, d).astype(q.dtype)
-    lse = lse[..., :t].reshape(b, h, t)
+    n = lax.psum(1, axis_name)
+    state = _ring_loop(n, axis_name, compute, kv, blockwise.init_fwd_state(cfg, q_))
+    out, lse = blockwise.finish_fwd(cfg, q, *state)
     return (out, lse), (q, k, v, m, out, lse)
 
 
 def _bwd(cfg, axis_name, res, cts):
     q, k, v, m, out, lse = res
-    dout, dlse = cts
-    b, t, h, d = q.shape
-    kh, s = k.shape[2], k.shape[1]
-    n = lax.psum(1, axis_name)
-    qs, q_, kv = _prepare(cfg, q, k, v, m)
-    lse_ = lse.reshape(b, kh, h // kh, t)
-    dlse_ = None if dlse is None else dlse.reshape(lse_.shape)
-    lse_, delta = blockwise.bwd_rowstats(
-        blockwise.group_heads(out, kh), blockwise.group_heads(dout, kh), lse_, dlse_
-    )
-    pad_t = lambda x: blockwise.pad_to_block(x, cfg.block_q, axis=3)  # noqa: E731
-    lse_, delta = pad_t(lse_), pad_t(delta)
-    do_ = blockwise.pad_to_block(blockwise.group_heads(dout.astype(q.dtype), kh), cfg.block_q)
+    qs, q_, kv = blockwise.prepare(cfg, q, k, v, m)
+    do_, lse_, delta = blockwise.prepare_bwd(cfg, k, out, lse, *cts)
 
     def compute(kv, carry):
         k_, v_, kpos, kseg = kv
         dq, (dk, dv) = carry
-        ks = _kv_side(cfg, kpos, kseg)
+        ks = blockwise.kv_side(cfg, kpos, kseg)
         dq, dk, dv = lax.cond(
             _visible(cfg, qs, ks),
             lambda g: blockwise.bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, ks, g),
@@ -117,14 +94,12 @@ def _bwd(cfg, axis_name, res, cts):
         )
         return dq, (dk, dv)
 
-    acc = lse.dtype
+    acc = blockwise.acc_dtype(cfg)
     zeros = lambda x: jnp.zeros_like(x, dtype=acc)  # noqa: E731
     carry = (zeros(q_), (zeros(kv[0]), zeros(kv[1])))
+    n = lax.psum(1, axis_name)
     dq, (dk, dv) = _ring_loop(n, axis_name, compute, kv, carry, send_carry=True)
-    dq = (dq[:, :t] * cfg.scale).reshape(q.shape).astype(q.dtype)
-    dk = (dk[:, :s] * cfg.scale).astype(k.dtype)
-    dv = dv[:, :s].astype(v.dtype)
-    return dq, dk, dv, None
+    return (*blockwise.finish_bwd(cfg, q, k, v, dq, dk, dv), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -184,6 +159,7 @@ def ring_attention(
         scale=scale,
     )
     blockwise.check_blocks(fn, block_q, block_k)
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s)
-    out, lse = _ring(cfg, axis_name, q, k, v, m)
+    dtype = jnp.result_type(q, k, v)
+    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype)
+    out, lse = _ring(cfg, axis_name, q.astype(dtype), k.astype(dtype), v.astype(dtype), m)
     return (out, lse) if return_lse else out

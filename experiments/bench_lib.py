@@ -1,0 +1,450 @@
+"""Attention benchmark: implementations, FLOP counting, timing and compiled memory per device.
+
+FLOP convention (FlashAttention-2 paper): only visible (query, key) pairs count, whatever an
+implementation actually computes. Per visible pair and head: forward 4*D (QK^T and PV), backward
+10*D (recomputed QK^T, dV, dP, dQ, dK), so fwd+bwd = 14*D = 3.5x forward. `dense` computes the
+masked pairs too, so under a causal mask it can reach at most ~half its "raw" throughput.
+
+Memory is what XLA reports for one device's compiled program (`memory_analysis()`): temp is the
+scratch the program needs beyond its arguments and outputs; this is what grows as T^2 for dense
+attention and must stay ~linear in the local shard for ring attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ringattn
+
+IMPLS = ("dense", "blockwise", "ring", "original")
+MODES = ("fwd", "fwdbwd")
+MASKS = ("causal", "none", "window")
+SINGLE_DEVICE_IMPLS = ("dense", "blockwise")
+FLOPS_PER_PAIR_PER_DIM = {"fwd": 4, "fwdbwd": 14}
+AXIS = "context"
+MiB = 2**20
+
+
+class Unsupported(Exception):
+    """The implementation cannot run this configuration (reported as skipped, not failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    seq_lens: tuple[int, ...] = (4096,)
+    batch: int = 1
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    mask: str = "causal"
+    window: int = 1024  # --mask=window: causal sliding window, pos(i) - window <= pos(j) <= pos(i)
+    impls: tuple[str, ...] = IMPLS
+    modes: tuple[str, ...] = MODES
+    block_q: int = 512
+    block_k: int = 512
+    num_devices: int = 8
+    warmup: int = 1
+    iters: int = 3
+    dry_run: bool = False
+    matmul_size: int = 2048
+    original_max_seq_len: int = 0  # 0: no cap
+    out: str | None = None
+
+    def __post_init__(self):
+        for name, allowed, given in (("impls", IMPLS, self.impls), ("modes", MODES, self.modes)):
+            bad = [x for x in given if x not in allowed]
+            if bad:
+                raise ValueError(f"{name}: expected a subset of {allowed}, got {bad}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask: expected one of {MASKS}, got {self.mask!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+
+
+def set_num_cpu_devices(n: int) -> None:
+    """Simulates n CPU devices. Must run before JAX initialises a backend; only the CPU backend
+    is affected, so it is harmless where an accelerator is the default backend."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return  # The user chose the count through XLA_FLAGS.
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+# ---------------------------------------------------------------------------------- counting
+
+
+def mask_bounds(cfg: BenchConfig) -> tuple[int | None, int | None]:
+    """(left, right) reach of a query, None = unbounded."""
+    return {"causal": (None, 0), "none": (None, None), "window": (cfg.window, 0)}[cfg.mask]
+
+
+def visible_pairs(seq_len: int, left: int | None, right: int | None) -> int:
+    """Exact number of (i, j) with max(0, i - left) <= j <= min(T - 1, i + right)."""
+    i = np.arange(seq_len, dtype=np.int64)
+    lo = np.zeros_like(i) if left is None else np.maximum(0, i - left)
+    hi = np.full_like(i, seq_len - 1) if right is None else np.minimum(seq_len - 1, i + right)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
+
+def attention_flops(cfg: BenchConfig, seq_len: int, mode: str) -> int:
+    pairs = visible_pairs(seq_len, *mask_bounds(cfg))
+    return pairs * cfg.batch * cfg.num_heads * cfg.head_dim * FLOPS_PER_PAIR_PER_DIM[mode]
+
+
+# ---------------------------------------------------------------------------- implementations
+
+
+def _mask_kwargs(cfg: BenchConfig) -> dict:
+    if cfg.mask == "causal":
+        return {"causal": True}
+    if cfg.mask == "window":
+        return {"causal": True, "local_window_size": (cfg.window, 0)}
+    return {}
+
+
+def load_original():
+    """The original JAX Ring Attention (`ringattention` on PyPI). Its package __init__ still calls
+    the removed `jax.lib.xla_bridge` (and initialises the backend: call after device setup)."""
+    import jax._src.xla_bridge as xb
+
+    if not hasattr(jax.lib, "xla_bridge"):
+        jax.lib.xla_bridge = xb
+    return importlib.import_module("ringattention.ringattention_jax")
+
+
+def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len: int) -> Callable:
+    """Returns f(q, k, v) -> out on global [B, T, H, D] / [B, S, K, D] arrays."""
+    mask = _mask_kwargs(cfg)
+    n = mesh.shape[AXIS]
+    local_len = seq_len // n
+    if impl == "dense":
+
+        def dense(q, k, v):
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=mask.get("causal", False),
+                local_window_size=mask.get("local_window_size"),
+            )
+
+        return dense
+    if impl == "blockwise":
+        bq, bk = min(cfg.block_q, seq_len), min(cfg.block_k, seq_len)
+        return lambda q, k, v: ringattn.blockwise_attention(q, k, v, block_q=bq, block_k=bk, **mask)
+    if impl == "ring":
+        bq, bk = min(cfg.block_q, local_len), min(cfg.block_k, local_len)
+        return lambda q, k, v: ringattn.context_parallel_attention(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            axis_name=AXIS,
+            strategy="ring",
+            layout="contiguous",
+            block_q=bq,
+            block_k=bk,
+            **mask,
+        )
+    if impl == "original":
+        return _make_original(cfg, mesh, local_len)
+    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+
+
+def _make_original(cfg: BenchConfig, mesh: jax.sharding.Mesh, local_len: int) -> Callable:
+    if cfg.mask == "window":
+        raise Unsupported("no sliding-window mask")
+    if cfg.original_max_seq_len and local_len * mesh.shape[AXIS] > cfg.original_max_seq_len:
+        raise Unsupported(f"T > --original_max_seq_len={cfg.original_max_seq_len}")
+    try:
+        original = load_original()
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here".
+        raise Unsupported(f"not importable: {type(e).__name__}: {e}") from e
+    blockwise_kwargs = dict(
+        causal_block_size=1 if cfg.mask == "causal" else None,
+        query_chunk_size=min(cfg.block_q, local_len),
+        key_chunk_size=min(cfg.block_k, local_len),
+        deterministic=True,
+        dropout_rng=None,
+        attn_pdrop=0.0,
+        dtype=jnp.dtype(cfg.dtype),
+        policy=jax.checkpoint_policies.nothing_saveable,
+        precision=None,
+        prevent_cse=True,
+    )
+    reps = cfg.num_heads // cfg.num_kv_heads
+
+    def local(q, k, v):
+        if reps > 1:  # The original has no GQA: it needs K/V repeated to H heads.
+            k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
+        # float32_logits=True: the original's recommended setting, keeps softmax stats in f32.
+        return original.ring_attention(q, k, v, None, None, None, AXIS, True, blockwise_kwargs)
+
+    spec = jax.P(None, AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+
+
+def with_mode(attn: Callable, mode: str) -> Callable:
+    """fwd: f(q, k, v). fwdbwd: f(q, k, v, dout) = grads of sum(out * dout) w.r.t. q, k, v."""
+    if mode == "fwd":
+        return attn
+
+    def fwdbwd(q, k, v, dout):
+        def loss(q, k, v):
+            out = attn(q, k, v).astype(jnp.float32)
+            return jnp.sum(out * dout.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    return fwdbwd
+
+
+# -------------------------------------------------------------------------------- measuring
+
+
+def input_shapes(cfg: BenchConfig, seq_len: int) -> dict[str, tuple[int, ...]]:
+    b, h, kh, d = cfg.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return {
+        "q": (b, seq_len, h, d),
+        "k": (b, seq_len, kh, d),
+        "v": (b, seq_len, kh, d),
+        "dout": (b, seq_len, h, d),
+    }
+
+
+def make_inputs(cfg: BenchConfig, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return {
+        name: jax.random.normal(key, shape, jnp.float32).astype(cfg.dtype)
+        for key, (name, shape) in zip(keys, input_shapes(cfg, seq_len).items(), strict=True)
+    }
+
+
+def compile_and_time(fn: Callable, args: Sequence, cfg: BenchConfig) -> dict:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    result = {"compile_s": time.perf_counter() - t0}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        result.update(
+            temp_bytes=int(mem.temp_size_in_bytes),
+            arg_bytes=int(mem.argument_size_in_bytes),
+            out_bytes=int(mem.output_size_in_bytes),
+        )
+    if not cfg.dry_run:
+        for _ in range(cfg.warmup):
+            jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(cfg.iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+        result["time_s"] = statistics.median(times)
+    return result
+
+
+def matmul_gflops(cfg: BenchConfig, device: jax.Device) -> dict:
+    """A float32 N x N matmul on one device: the ceiling attention throughput is read against."""
+    n = cfg.matmul_size
+    a, b = (
+        jax.device_put(jax.random.normal(jax.random.key(i), (n, n), jnp.float32), device)
+        for i in range(2)
+    )
+    result = compile_and_time(jnp.matmul, (a, b), cfg)
+    result["gflops_per_s"] = 2 * n**3 / result["time_s"] / 1e9
+    return result
+
+
+def run(cfg: BenchConfig) -> list[dict]:
+    """Benchmarks every impl x T x mode; prints a table and ratios; returns the rows."""
+    devices = jax.devices()
+    if len(devices) < cfg.num_devices:
+        print(
+            f"note: {len(devices)} {devices[0].platform} device(s) available, "
+            f"--num_devices={cfg.num_devices}; using {len(devices)}"
+        )
+    devices = devices[: cfg.num_devices]
+    mesh = jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+    n = len(devices)
+    print(_header(cfg, devices))
+
+    matmul = None
+    if cfg.matmul_size and not cfg.dry_run:
+        matmul = matmul_gflops(cfg, devices[0])
+        print(
+            f"matmul f32 {cfg.matmul_size}^3 on 1 device: {matmul['time_s'] * 1e3:.1f} ms, "
+            f"{matmul['gflops_per_s']:.1f} GFLOP/s"
+        )
+    print("\n" + _column_titles())
+
+    rows = []
+    for seq_len in cfg.seq_lens:
+        if cfg.dry_run:
+            inputs = {
+                name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype))
+                for name, shape in input_shapes(cfg, seq_len).items()
+            }
+        else:
+            inputs = make_inputs(cfg, seq_len)
+        for impl in cfg.impls:
+            single = impl in SINGLE_DEVICE_IMPLS
+            sharding = (
+                jax.sharding.SingleDeviceSharding(devices[0])
+                if single
+                else jax.NamedSharding(mesh, jax.P(None, AXIS))
+            )
+            placed = {name: _place(x, sharding) for name, x in inputs.items()}
+            for mode in cfg.modes:
+                row = _row(cfg, impl, mode, seq_len, 1 if single else n)
+                try:
+                    fn = with_mode(make_attention(impl, cfg, mesh, seq_len), mode)
+                    names = ("q", "k", "v") if mode == "fwd" else ("q", "k", "v", "dout")
+                    row.update(compile_and_time(fn, [placed[x] for x in names], cfg))
+                except Unsupported as e:
+                    row["skipped"] = str(e)
+                except Exception as e:  # noqa: BLE001 - report and go on with the others.
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                _derive(row, cfg, matmul)
+                print(_format_row(row), flush=True)
+                rows.append(row)
+        print()
+    print(_ratios(rows))
+    if cfg.out:
+        with open(cfg.out, "a") as f:
+            if matmul is not None:
+                f.write(json.dumps({"kind": "matmul", "size": cfg.matmul_size, **matmul}) + "\n")
+            for row in rows:
+                f.write(json.dumps({"kind": "attention", **row}) + "\n")
+    return rows
+
+
+def _place(x, sharding):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.device_put(x, sharding)
+
+
+def _row(cfg: BenchConfig, impl: str, mode: str, seq_len: int, devices: int) -> dict:
+    config = dataclasses.asdict(cfg)
+    for key in ("seq_lens", "impls", "modes", "out", "warmup", "iters", "original_max_seq_len"):
+        config.pop(key)
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    q_shard = cfg.batch * (seq_len // devices) * cfg.num_heads * cfg.head_dim * itemsize
+    return {
+        "impl": impl,
+        "mode": mode,
+        "seq_len": seq_len,
+        "devices": devices,
+        "q_shard_bytes": q_shard,
+        "flops": attention_flops(cfg, seq_len, mode),
+        "jax_version": jax.__version__,
+        "platform": jax.devices()[0].platform,
+        **config,
+    }
+
+
+def _derive(row: dict, cfg: BenchConfig, matmul: dict | None) -> None:
+    if "time_s" in row:
+        row["gflops_per_s"] = row["flops"] / row["time_s"] / 1e9
+        if matmul is not None:
+            row["frac_of_matmul"] = row["gflops_per_s"] / matmul["gflops_per_s"]
+    if "temp_bytes" in row:
+        row["temp_over_q_shard"] = row["temp_bytes"] / row["q_shard_bytes"]
+
+
+# ------------------------------------------------------------------------------- reporting
+
+_COLUMNS = (  # (title, width, format)
+    ("impl", 9, "{impl}"),
+    ("mode", 6, "{mode}"),
+    ("T", 9, "{seq_len}"),
+    ("dev", 3, "{devices}"),
+    ("time ms", 10, "{time_ms}"),
+    ("GFLOP/s", 8, "{gflops}"),
+    ("%matmul", 7, "{frac}"),
+    ("temp MiB/dev", 12, "{temp}"),
+    ("args MiB/dev", 12, "{args}"),
+    ("temp/q_shard", 12, "{ratio}"),
+    ("compile s", 9, "{compile}"),
+)
+
+
+def _header(cfg: BenchConfig, devices) -> str:
+    platform = devices[0].platform
+    simulated = f" (simulated on {os.cpu_count()} CPU cores)" if platform == "cpu" else ""
+    lines = [
+        f"jax {jax.__version__}, {len(devices)} x {platform}{simulated}",
+        f"B={cfg.batch} H={cfg.num_heads} K={cfg.num_kv_heads} D={cfg.head_dim} {cfg.dtype} "
+        f"mask={cfg.mask}"
+        + (f" window={cfg.window}" if cfg.mask == "window" else "")
+        + f" block_q={cfg.block_q} block_k={cfg.block_k}"
+        + (" DRY RUN (compile only)" if cfg.dry_run else f" warmup={cfg.warmup} iters={cfg.iters}"),
+        "GFLOP/s counts visible pairs only: fwd 4*D, fwd+bwd 14*D flops per (query, key) pair "
+        "per head; dense/blockwise run on 1 device, ring/original on all.",
+    ]
+    return "\n".join(lines)
+
+
+def _column_titles() -> str:
+    return " ".join(title.rjust(width) for title, width, _ in _COLUMNS)
+
+
+def _format_row(row: dict) -> str:
+    def num(key, scale=1.0, fmt="{:.1f}"):
+        return fmt.format(row[key] * scale) if key in row else "-"
+
+    values = dict(
+        impl=row["impl"],
+        mode=row["mode"],
+        seq_len=row["seq_len"],
+        devices=row["devices"],
+        time_ms=num("time_s", 1e3),
+        gflops=num("gflops_per_s"),
+        frac=num("frac_of_matmul", 100, "{:.0f}%"),
+        temp=num("temp_bytes", 1 / MiB),
+        args=num("arg_bytes", 1 / MiB),
+        ratio=num("temp_over_q_shard", 1, "{:.2f}"),
+        compile=num("compile_s"),
+    )
+    line = " ".join(fmt.format(**values).rjust(width) for _, width, fmt in _COLUMNS)
+    if "skipped" in row:
+        line += f"  skipped: {row['skipped']}"
+    if "error" in row:
+        line += f"  ERROR: {row['error']}"
+    return line
+
+
+_RATIO_PAIRS = (
+    ("ring", "original"),
+    ("ring", "dense"),
+    ("ring", "blockwise"),
+    ("blockwise", "dense"),
+)
+
+
+def _ratios(rows: list[dict]) -> str:
+    """Time ratios (or temp-memory ratios in a dry run) between impls at equal T and mode."""
+    by_key = {(r["impl"], r["seq_len"], r["mode"]): r for r in rows}
+    metric = "time_s" if any("time_s" in r for r in rows) else "temp_bytes"
+    title = "time" if metric == "time_s" else "temp memory per device"
+    lines = [f"ratios of {title} (< 1: the first is better):"]
+    for seq_len, mode in dict.fromkeys((r["seq_len"], r["mode"]) for r in rows):
+        for a, b in _RATIO_PAIRS:
+            ra, rb = by_key.get((a, seq_len, mode), {}), by_key.get((b, seq_len, mode), {})
+            if ra.get(metric) and rb.get(metric):
+                ratio = ra[metric] / rb[metric]
+                lines.append(f"  T={seq_len:<8} {mode:<6} {a}/{b} = {ratio:.3g}")
+    return "\n".join(lines) if len(lines) > 1 else "ratios: nothing to compare"

@@ -1,0 +1,32 @@
+"""ringattn: Ring Attention and context parallelism in JAX."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ringattn",
+    version="0.1.0",
+    description="Ring Attention and context parallelism in JAX",
+    long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ringattn", "ringattn.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7",  # jax.shard_map(..., check_vma=...) and jax.P.
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "absl-py",
+        "ml-collections",
+        "matplotlib",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "nbformat", "nbclient", "ipykernel", "ruff"],
+        # The original Ring Attention (Liu et al.), compared against in experiments/benchmark.py.
+        "bench": ["ringattention==0.1.2", "einops"],
+        "notebooks": ["jupyter", "ipykernel"],
+    },
+)
