@@ -13,6 +13,7 @@ attention and must stay ~linear in the local shard for ring attention.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -26,10 +27,10 @@ import numpy as np
 
 import ringattn
 
-IMPLS = ("dense", "blockwise", "ring", "original")
+IMPLS = ("dense", "dense_cudnn", "blockwise", "ring", "original")
 MODES = ("fwd", "fwdbwd")
 MASKS = ("causal", "none", "window")
-SINGLE_DEVICE_IMPLS = ("dense", "blockwise")
+SINGLE_DEVICE_IMPLS = ("dense", "dense_cudnn", "blockwise")
 FLOPS_PER_PAIR_PER_DIM = {"fwd": 4, "fwdbwd": 14}
 AXIS = "context"
 MiB = 2**20
@@ -130,7 +131,9 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
     mask = _mask_kwargs(cfg)
     n = mesh.shape[AXIS]
     local_len = seq_len // n
-    if impl == "dense":
+    if impl in ("dense", "dense_cudnn"):
+        if impl == "dense_cudnn" and jax.devices()[0].platform != "gpu":
+            raise Unsupported("cuDNN needs a GPU")
 
         def dense(q, k, v):
             return jax.nn.dot_product_attention(
@@ -139,6 +142,7 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
                 v,
                 is_causal=mask.get("causal", False),
                 local_window_size=mask.get("local_window_size"),
+                implementation="cudnn" if impl == "dense_cudnn" else "xla",
             )
 
         return dense
@@ -233,7 +237,8 @@ def make_inputs(cfg: BenchConfig, seq_len: int, seed: int = 0) -> dict[str, jax.
     }
 
 
-def compile_and_time(fn: Callable, args: Sequence, cfg: BenchConfig) -> dict:
+def compile_once(fn: Callable, args: Sequence) -> tuple[Callable, dict]:
+    """Compiles fn for args; returns the executable and its compile time and memory."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     result = {"compile_s": time.perf_counter() - t0}
@@ -244,15 +249,28 @@ def compile_and_time(fn: Callable, args: Sequence, cfg: BenchConfig) -> dict:
             arg_bytes=int(mem.argument_size_in_bytes),
             out_bytes=int(mem.output_size_in_bytes),
         )
-    if not cfg.dry_run:
+    return compiled, result
+
+
+def time_interleaved(calls: Sequence[Callable], cfg: BenchConfig) -> list[float]:
+    """Median seconds per call. Calls take turns, round after round, so that load from other
+    processes on a shared machine falls on all of them alike and their ratios stay meaningful."""
+    for call in calls:
         for _ in range(cfg.warmup):
-            jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(cfg.iters):
+            jax.block_until_ready(call())
+    times = [[] for _ in calls]
+    for _ in range(cfg.iters):
+        for call, ts in zip(calls, times, strict=True):
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - t0)
-        result["time_s"] = statistics.median(times)
+            jax.block_until_ready(call())
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def compile_and_time(fn: Callable, args: Sequence, cfg: BenchConfig) -> dict:
+    compiled, result = compile_once(fn, args)
+    if not cfg.dry_run:
+        (result["time_s"],) = time_interleaved([lambda: compiled(*args)], cfg)
     return result
 
 
@@ -299,6 +317,7 @@ def run(cfg: BenchConfig) -> list[dict]:
             }
         else:
             inputs = make_inputs(cfg, seq_len)
+        pending = []  # (row, executable, args) compiled for this T, timed together below
         for impl in cfg.impls:
             single = impl in SINGLE_DEVICE_IMPLS
             sharding = (
@@ -312,14 +331,24 @@ def run(cfg: BenchConfig) -> list[dict]:
                 try:
                     fn = with_mode(make_attention(impl, cfg, mesh, seq_len), mode)
                     names = ("q", "k", "v") if mode == "fwd" else ("q", "k", "v", "dout")
-                    row.update(compile_and_time(fn, [placed[x] for x in names], cfg))
+                    args = [placed[x] for x in names]
+                    compiled, info = compile_once(fn, args)
+                    row.update(info)
+                    if not cfg.dry_run:
+                        pending.append((row, compiled, args))
                 except Unsupported as e:
                     row["skipped"] = str(e)
                 except Exception as e:  # noqa: BLE001 - report and go on with the others.
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                rows.append(row)
+        if pending:
+            calls = [functools.partial(c, *a) for _, c, a in pending]
+            for (row, _, _), t in zip(pending, time_interleaved(calls, cfg), strict=True):
+                row["time_s"] = t
+        for row in rows:
+            if row["seq_len"] == seq_len:
                 _derive(row, cfg, matmul)
                 print(_format_row(row), flush=True)
-                rows.append(row)
         print()
     print(_ratios(rows))
     if cfg.out:

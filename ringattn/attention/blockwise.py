@@ -66,7 +66,7 @@ def make_side(pos, seg, block) -> Side:
 
 
 def _tile_mask(cfg, qs: Side, ks: Side, i, j):
-    """Visibility [B|1, 1, 1, bq, bk] of tile (i, j), padded keys masked."""
+    """Visibility [B|1, bq, bk] of tile (i, j), padded keys masked."""
     bq, bk = cfg.block_q, cfg.block_k
     sl = lambda x, n, b: None if x is None else lax.dynamic_slice_in_dim(x, n * b, b, 1)  # noqa: E731
     vis = masks.token_visible(
@@ -74,7 +74,7 @@ def _tile_mask(cfg, qs: Side, ks: Side, i, j):
     )
     if cfg.kv_padded:
         vis &= (j * bk + jnp.arange(bk) < cfg.kv_len)[None, None, :]
-    return vis[:, None, None]
+    return vis
 
 
 def _state(cfg, qs: Side, ks: Side, i, j):
@@ -106,6 +106,31 @@ def _tile(x, n, block, dtype):
     return t if t.dtype == dtype else lax.bitcast_convert_type(t, dtype)
 
 
+def _rows(x_BQKGD):
+    b, q, k, g, d = x_BQKGD.shape
+    return jnp.moveaxis(x_BQKGD, 1, 3).reshape(b, k, g * q, d)
+
+
+def _unrows(x_BKRD, g):
+    b, k, r, d = x_BKRD.shape
+    return jnp.moveaxis(x_BKRD.reshape(b, k, g, r // g, d), 3, 1)
+
+
+def _rows_stat(x_BKGQ):
+    b, k, g, q = x_BKGQ.shape
+    return x_BKGQ.reshape(b, k, g * q)
+
+
+def _unrows_stat(x_BKR, g):
+    b, k, r = x_BKR.shape
+    return x_BKR.reshape(b, k, g, r // g)
+
+
+def _rows_mask(vis_BQS, g):
+    b, q, s = vis_BQS.shape
+    return jnp.broadcast_to(vis_BQS[:, None, None], (b, 1, g, q, s)).reshape(b, 1, g * q, s)
+
+
 def _switch(state, skip, full, partial, *operands):
     """lax.switch on SKIP/FULL/PARTIAL, with the branch order tied to the constants."""
     branches = [None] * 3
@@ -118,29 +143,28 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, 
     bq, bk = cfg.block_q, cfg.block_k
     nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
     acc_dtype = o_BTKGD.dtype
+    g = q_BTKGD.shape[3]
 
     def q_block(i, carry):
         o_BTKGD, lse_BKGT = carry
-        q_BKGQD = jnp.moveaxis(_tile(q_BTKGD, i, bq, cfg.dtype), 1, 3)
-        o_BKGQD = jnp.moveaxis(lax.dynamic_slice_in_dim(o_BTKGD, i * bq, bq, 1), 1, 3)
-        m_BKGQ = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3)
+        q_ = _rows(_tile(q_BTKGD, i, bq, cfg.dtype))
         # (o, lse) is the flash state (acc = o, max = lse, sum = 1): continuing it is exact.
-        init = (o_BKGQD, m_BKGQ, jnp.ones_like(m_BKGQ))
+        acc = _rows(lax.dynamic_slice_in_dim(o_BTKGD, i * bq, bq, 1))
+        m = _rows_stat(lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3))
 
         def tile(j, carry, masked):
             acc, m, den = carry
-            k_BSKD_ = _tile(k_BSKD, j, bk, cfg.dtype)
-            v_BSKD_ = _tile(v_BSKD, j, bk, cfg.dtype)
-            s = jnp.einsum("bkgqd,bskd->bkgqs", q_BKGQD, k_BSKD_, preferred_element_type=acc_dtype)
-            s = s * cfg.scale
+            k_ = _tile(k_BSKD, j, bk, cfg.dtype)
+            v_ = _tile(v_BSKD, j, bk, cfg.dtype)
+            s = jnp.einsum("bkrd,bskd->bkrs", q_, k_, preferred_element_type=acc_dtype) * cfg.scale
             if masked:
-                s = jnp.where(_tile_mask(cfg, qs, ks, i, j), s, -jnp.inf)
+                s = jnp.where(_rows_mask(_tile_mask(cfg, qs, ks, i, j), g), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
             p = jnp.exp(s - m_safe[..., None])
             corr = jnp.exp(m - m_safe)
             pv = jnp.einsum(
-                "bkgqs,bskd->bkgqd", p.astype(cfg.dtype), v_BSKD_, preferred_element_type=acc_dtype
+                "bkrs,bskd->bkrd", p.astype(cfg.dtype), v_, preferred_element_type=acc_dtype
             )
             return acc * corr[..., None] + pv, m_new, den * corr + p.sum(-1)
 
@@ -154,12 +178,12 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, 
                 carry,
             )
 
-        acc, m, den = lax.fori_loop(0, nk, kv_block, init)
+        acc, m, den = lax.fori_loop(0, nk, kv_block, (acc, m, jnp.ones_like(m)))
         seen = den > 0
-        o_BKGQD = acc / jnp.where(seen, den, 1.0)[..., None]
-        lse_BKGQ = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
-        o_BTKGD = lax.dynamic_update_slice_in_dim(o_BTKGD, jnp.moveaxis(o_BKGQD, 3, 1), i * bq, 1)
-        lse_BKGT = lax.dynamic_update_slice_in_dim(lse_BKGT, lse_BKGQ, i * bq, 3)
+        o_ = _unrows(acc / jnp.where(seen, den, 1.0)[..., None], g)
+        lse_ = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
+        o_BTKGD = lax.dynamic_update_slice_in_dim(o_BTKGD, o_, i * bq, 1)
+        lse_BKGT = lax.dynamic_update_slice_in_dim(lse_BKGT, _unrows_stat(lse_, g), i * bq, 3)
         return o_BTKGD, lse_BKGT
 
     return lax.fori_loop(0, nq, q_block, (o_BTKGD, lse_BKGT))
@@ -175,6 +199,7 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
     nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
     acc_dtype = lse_BKGT.dtype
     dt = cfg.dtype
+    g = q_BTKGD.shape[3]
 
     def kv_block(j, carry):
         dq_BTKGD, dk_BSKD, dv_BSKD = carry
@@ -183,22 +208,24 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
 
         def tile(i, carry, masked):
             dq_BTKGD, dk_, dv_ = carry
-            q_ = _tile(q_BTKGD, i, bq, cfg.dtype)
-            do_ = _tile(do_BTKGD, i, bq, cfg.dtype)
-            lse_ = lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3)[..., None]
-            delta_ = lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, 3)[..., None]
-            s = jnp.einsum("bqkgd,bskd->bkgqs", q_, k_BSKD_, preferred_element_type=acc_dtype)
+            # Rows are (query head in group, query) pairs: [B, K, G * bq, D], so that every dot
+            # is a plain batched matmul over KV heads (no size-1 group dim for XLA to lay out).
+            q_ = _rows(_tile(q_BTKGD, i, bq, cfg.dtype))
+            do_ = _rows(_tile(do_BTKGD, i, bq, cfg.dtype))
+            lse_ = _rows_stat(lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3))[..., None]
+            delta_ = _rows_stat(lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, 3))[..., None]
+            s = jnp.einsum("bkqd,bskd->bkqs", q_, k_BSKD_, preferred_element_type=acc_dtype)
             p = jnp.exp(s * cfg.scale - lse_)
             if masked:
-                p = jnp.where(_tile_mask(cfg, qs, ks, i, j), p, 0.0)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_, v_BSKD_, preferred_element_type=acc_dtype)
+                p = jnp.where(_rows_mask(_tile_mask(cfg, qs, ks, i, j), g), p, 0.0)
+            dp = jnp.einsum("bkqd,bskd->bkqs", do_, v_BSKD_, preferred_element_type=acc_dtype)
             ds = (p * (dp - delta_)).astype(dt)
             dv_ = dv_ + jnp.einsum(
-                "bkgqs,bqkgd->bskd", p.astype(dt), do_, preferred_element_type=acc_dtype
+                "bkqs,bkqd->bskd", p.astype(dt), do_, preferred_element_type=acc_dtype
             )
-            dk_ = dk_ + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_, preferred_element_type=acc_dtype)
-            dq_ = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_BSKD_, preferred_element_type=acc_dtype)
-            dq_ = lax.dynamic_slice_in_dim(dq_BTKGD, i * bq, bq, 1) + dq_
+            dk_ = dk_ + jnp.einsum("bkqs,bkqd->bskd", ds, q_, preferred_element_type=acc_dtype)
+            dq_ = jnp.einsum("bkqs,bskd->bkqd", ds, k_BSKD_, preferred_element_type=acc_dtype)
+            dq_ = lax.dynamic_slice_in_dim(dq_BTKGD, i * bq, bq, 1) + _unrows(dq_, g)
             return lax.dynamic_update_slice_in_dim(dq_BTKGD, dq_, i * bq, 1), dk_, dv_
 
         def q_block(i, carry):
