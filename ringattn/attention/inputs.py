@@ -36,27 +36,25 @@ def _check_int(fn, name, x, shapes):
         raise ValueError(f"{fn}: `{name}` must have shape {want}, got {_shape(x)}.")
 
 
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def normalize_window(fn, local_window_size):
     """int w -> (w, w); (left, right) kept; None kept. Negative sizes are rejected."""
-    if local_window_size is None:
+    w = local_window_size
+    if w is None:
         return None
-    if isinstance(local_window_size, (int, np.integer)):
-        window = (int(local_window_size), int(local_window_size))
-    elif (
-        isinstance(local_window_size, (tuple, list))
-        and len(local_window_size) == 2
-        and all(isinstance(w, (int, np.integer)) for w in local_window_size)
-    ):
-        window = (int(local_window_size[0]), int(local_window_size[1]))
+    if _is_int(w):
+        window = (int(w), int(w))
+    elif isinstance(w, (tuple, list)) and len(w) == 2 and all(_is_int(x) for x in w):
+        window = (int(w[0]), int(w[1]))
     else:
         raise TypeError(
-            f"{fn}: `local_window_size` must be an int or a (left, right) pair of ints, "
-            f"got {local_window_size!r}."
+            f"{fn}: `local_window_size` must be an int or a (left, right) pair of ints, got {w!r}."
         )
     if min(window) < 0:
-        raise ValueError(
-            f"{fn}: `local_window_size` must be non-negative, got {local_window_size!r}."
-        )
+        raise ValueError(f"{fn}: `local_window_size` must be non-negative, got {w!r}.")
     return window
 
 
@@ -83,8 +81,8 @@ def check_qkv(fn, q, k, v):
         raise ValueError(f"{fn}: `q` and `k` head dims differ: {d} and {dk}.")
     if kh == 0 or h % kh:
         raise ValueError(
-            f"{fn}: the number of query heads ({h}) must be a multiple of the number of "
-            f"key/value heads ({kh})."
+            f"{fn}: the heads of `q` ({h}, axis 2) must be a multiple of the key/value heads of "
+            f"`k` and `v` ({kh}); got q {q.shape} and k {k.shape}."
         )
 
 

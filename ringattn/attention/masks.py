@@ -51,7 +51,8 @@ def token_visible(spec: MaskSpec, q_pos, kv_pos, q_seg=None, kv_seg=None):
         visible = conj(visible, kp <= qp)
     if spec.window is not None:
         left, right = spec.window
-        visible = conj(visible, (kp >= qp - left) & (kp <= qp + right))
+        # Compare offsets, not qp +- w: a window near int32 max must not wrap around.
+        visible = conj(visible, (qp - kp <= left) & (kp - qp <= right))
     if q_seg is not None:
         visible = conj(visible, q_seg[..., :, None] == kv_seg[..., None, :])
     if visible is None:
@@ -68,8 +69,8 @@ def tile_state(spec: MaskSpec, q: Ranges, kv: Ranges):
         full &= kv.pos_hi <= q.pos_lo
     if spec.window is not None:
         left, right = spec.window
-        empty |= (kv.pos_hi < q.pos_lo - left) | (kv.pos_lo > q.pos_hi + right)
-        full &= (kv.pos_lo >= q.pos_hi - left) & (kv.pos_hi <= q.pos_lo + right)
+        empty |= (q.pos_lo - kv.pos_hi > left) | (kv.pos_lo - q.pos_hi > right)
+        full &= (q.pos_hi - kv.pos_lo <= left) & (kv.pos_hi - q.pos_lo <= right)
     if q.seg_lo is not None:
         empty |= (q.seg_hi < kv.seg_lo) | (kv.seg_hi < q.seg_lo)
         full &= (q.seg_lo == q.seg_hi) & (kv.seg_lo == kv.seg_hi) & (q.seg_lo == kv.seg_lo)
