@@ -66,6 +66,9 @@ def context_parallel_attention(
     t, s = q.shape[1], k.shape[1]
     layouts.check_layout(fn, layout, t, n, "query length")
     layouts.check_layout(fn, layout, s, n, "key length")
+    # Positions the caller did not give come from the layout. If neither was given, the ring
+    # derives them itself and then knows statically which of its steps the mask needs.
+    given = q_positions is not None or kv_positions is not None
     if q_positions is None:
         q_positions = layouts.layout_positions(layout, t, n)
     if kv_positions is None:
@@ -87,7 +90,7 @@ def context_parallel_attention(
 
     seq = P(None, axis_name)
     qkv = P(None, axis_name, None, None)
-    args = (q, k, v, m.q_pos, m.kv_pos, m.q_seg, m.kv_seg)
+    args = (q, k, v, *((m.q_pos, m.kv_pos) if given else (None, None)), m.q_seg, m.kv_seg)
     specs = (qkv, qkv, qkv, seq, seq, seq, seq)
     args = tuple(
         None if x is None else _place(x, mesh, sp) for x, sp in zip(args, specs, strict=True)
@@ -99,6 +102,7 @@ def context_parallel_attention(
             k,
             v,
             axis_name=axis_name,
+            layout=layout,
             causal=spec.causal,
             local_window_size=spec.window,
             segment_ids=q_seg,

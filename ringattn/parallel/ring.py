@@ -13,6 +13,7 @@ place by the blockwise kernel, so no step allocates a full-size temporary.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +24,52 @@ from ringattn.attention.blockwise import Config, Side
 from ringattn.parallel import layouts
 
 
-def _send_next(tree, axis_name, n):
-    """Send every array of `tree` to the next device of the ring (r -> r + 1). Narrow floats
-    travel as bits (blockwise.to_storage), which also keeps XLA:CPU from widening them."""
-    return lax.ppermute(tree, axis_name, perm=[(i, (i + 1) % n) for i in range(n)])
+class RingPlan(NamedTuple):
+    """Which ring steps run: `steps` consecutive ones from step `first` (mod n).
+
+    At step s device r holds the k/v shard of device r - s. The first step's shard is fetched
+    with one send of shift `first`, each later one with a hop to the next device."""
+
+    first: int
+    steps: int
+
+
+def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
+    """The shortest run of steps that holds every step some device needs, from the positions
+    `layout` gives each shard (segment ids are not known statically and are ignored, which is
+    safe: a step that runs but is not needed computes nothing). A causal window of T / (2n) in
+    the contiguous layout needs steps {0, 1}: 2 steps and 1 send instead of n and n - 1."""
+
+    def ranges(length, r):
+        pos = layouts.shard_positions(layout, length, r, n)
+        return masks.Ranges(pos.min(), pos.max(), None, None)
+
+    with jax.ensure_compile_time_eval():  # concrete values, also while tracing a shard_map
+        needed = [
+            any(
+                int(masks.tile_state(spec, ranges(q_len, r), ranges(kv_len, (r - s) % n)))
+                != masks.SKIP
+                for r in range(n)
+            )
+            for s in range(n)
+        ]
+    if all(needed) or not any(needed):
+        return RingPlan(0, n)
+    # The complement of the longest cyclic run of unneeded steps.
+    best_len, best_end = 0, 0
+    for start in range(n):
+        length = 0
+        while length < n and not needed[(start + length) % n]:
+            length += 1
+        if length > best_len:
+            best_len, best_end = length, (start + length) % n
+    return RingPlan(best_end, n - best_len)
+
+
+def _send(tree, axis_name, n, shift=1):
+    """Send every array of `tree` from each device r to r + shift. Narrow floats travel as bits
+    (blockwise.to_storage), which also keeps XLA:CPU from widening them."""
+    return lax.ppermute(tree, axis_name, perm=[(i, (i + shift) % n) for i in range(n)])
 
 
 def _visible(cfg, qs: Side, ks: Side):
@@ -37,28 +80,32 @@ def _visible(cfg, qs: Side, ks: Side):
     return state != masks.SKIP
 
 
-def _ring_loop(n, axis_name, compute, kv, carry, send_carry=False):
-    """n steps of `carry = compute(kv, carry)`, passing kv on after each of the first n - 1.
+def _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=False):
+    """`carry = compute(kv, carry)` over the plan's steps, kv moving one hop between steps.
 
-    With `send_carry`, the carry's last element (dK/dV) also moves on after every step, n times.
+    With `send_carry`, the carry's last element (dK/dV) moves with kv, and after the last step
+    goes home to the device that owns its shard.
     """
+    if plan.first:
+        kv = _send(kv, axis_name, n, plan.first)
 
     def step(_, state):
         kv, carry = state
-        kv_next = _send_next(kv, axis_name, n)  # issued before the compute it overlaps
+        kv_next = _send(kv, axis_name, n)  # issued before the compute it overlaps
         carry = compute(kv, carry)
         if send_carry:
-            carry = (*carry[:-1], _send_next(carry[-1], axis_name, n))
+            carry = (*carry[:-1], _send(carry[-1], axis_name, n))
         return kv_next, carry
 
-    kv, carry = lax.fori_loop(0, n - 1, step, (kv, carry))
+    kv, carry = lax.fori_loop(0, plan.steps - 1, step, (kv, carry))
     carry = compute(kv, carry)
-    if send_carry and n > 1:
-        carry = (*carry[:-1], _send_next(carry[-1], axis_name, n))
+    home = -(plan.first + plan.steps - 1) % n
+    if send_carry and home:
+        carry = (*carry[:-1], _send(carry[-1], axis_name, n, home))
     return carry
 
 
-def _fwd(cfg, axis_name, q, k, v, m):
+def _fwd(cfg, axis_name, plan, q, k, v, m):
     qs, q_, kv = blockwise.prepare(cfg, q, k, v, m)
 
     def compute(kv, state):
@@ -72,12 +119,12 @@ def _fwd(cfg, axis_name, q, k, v, m):
         )
 
     n = lax.psum(1, axis_name)
-    state = _ring_loop(n, axis_name, compute, kv, blockwise.init_fwd_state(cfg, q_))
+    state = _ring_loop(n, axis_name, plan, compute, kv, blockwise.init_fwd_state(cfg, q_))
     out, lse = blockwise.finish_fwd(cfg, q, *state)
     return (out, lse), (q, k, v, m, out, lse)
 
 
-def _bwd(cfg, axis_name, res, cts):
+def _bwd(cfg, axis_name, plan, res, cts):
     q, k, v, m, out, lse = res
     qs, q_, kv = blockwise.prepare(cfg, q, k, v, m)
     do_, lse_, delta = blockwise.prepare_bwd(cfg, k, out, lse, *cts)
@@ -98,13 +145,13 @@ def _bwd(cfg, axis_name, res, cts):
     zeros = lambda x: jnp.zeros_like(x, dtype=acc)  # noqa: E731
     carry = (zeros(q_), (zeros(kv[0]), zeros(kv[1])))
     n = lax.psum(1, axis_name)
-    dq, (dk, dv) = _ring_loop(n, axis_name, compute, kv, carry, send_carry=True)
+    dq, (dk, dv) = _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=True)
     return (*blockwise.finish_bwd(cfg, q, k, v, dq, dk, dv), None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ring(cfg, axis_name, q, k, v, m):
-    return _fwd(cfg, axis_name, q, k, v, m)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring(cfg, axis_name, plan, q, k, v, m):
+    return _fwd(cfg, axis_name, plan, q, k, v, m)[0]
 
 
 _ring.defvjp(_fwd, _bwd)
@@ -139,6 +186,8 @@ def ring_attention(
     n = lax.psum(1, axis_name)
     idx = lax.axis_index(axis_name)
     t, s = q.shape[1], k.shape[1]
+    # With positions from the layout, the steps the mask needs are known before tracing.
+    from_layout = q_positions is None and kv_positions is None
     if q_positions is None:
         layouts.check_layout(fn, layout, t * n, n, "global query length")
         q_positions = layouts.shard_positions(layout, t, idx, n)
@@ -161,5 +210,7 @@ def ring_attention(
     blockwise.check_blocks(fn, block_q, block_k)
     dtype = jnp.result_type(q, k, v)
     cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype)
-    out, lse = _ring(cfg, axis_name, q.astype(dtype), k.astype(dtype), v.astype(dtype), m)
+    plan = plan_ring(spec, layout, n, t, s) if from_layout else RingPlan(0, n)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out, lse = _ring(cfg, axis_name, plan, q, k, v, m)
     return (out, lse) if return_lse else out

@@ -14,7 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 import ringattn
 from ringattn import LAYOUTS
-from ringattn.parallel import layouts
+from ringattn.attention.inputs import normalize_window
+from ringattn.attention.masks import MaskSpec
+from ringattn.parallel import layouts, ring
 
 B, T, H, D = 2, 48, 4, 8
 # Local blocks that do not divide the local length (T / n), so every shard is padded.
@@ -375,3 +377,33 @@ def test_ring_without_lse_shapes(helpers):
     q, k, v = _qkv()
     out = jax.eval_shape(f, q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Window-aware ring: only the steps the mask needs run.
+
+
+@pytest.mark.parametrize(
+    "static, plan",
+    [
+        (dict(causal=True, local_window_size=(4, 0)), ring.RingPlan(0, 2)),  # 2 of 8 steps
+        (dict(local_window_size=(3, 9)), ring.RingPlan(6, 4)),  # one shard back, two ahead
+        (dict(causal=True), ring.RingPlan(0, 8)),
+    ],
+)
+def test_window_ring_runs_only_needed_steps(helpers, static, plan):
+    """Contiguous layout, 8 tokens per shard: the plan is as short as the window allows, and the
+    shortened ring (its first shifted fetch and its dK/dV trip home) is still exact."""
+    n, t = 8, 64
+    spec = MaskSpec(
+        static.get("causal", False),
+        normalize_window("test", static.get("local_window_size")),
+    )
+    assert ring.plan_ring(spec, "contiguous", n, t // n, t // n) == plan
+    data = helpers.random_inputs(np.random.default_rng(1), 1, t, t, 2, 1, 8)
+    want = helpers.reference_f64(*data, **static)
+    mesh = jax.make_mesh((n,), ("context",), devices=jax.devices("cpu")[:n])
+    got = helpers.run_attention(
+        ringattn.context_parallel_attention, *data, mesh=mesh, block_q=4, block_k=4, **static
+    )
+    helpers.assert_all_close(got, want, np.float32)
