@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -35,6 +36,9 @@ class Config:
     block_k: int
     kv_len: int
     dtype: jnp.dtype  # of q, k, v (which may be stored as bits, see `to_storage`)
+    # Called on the host as f(pass, q_pos, kv_pos, masked) for every tile a pass computes, with
+    # the first position of its query and key blocks: for tests and drawing schedules.
+    tile_callback: Callable | None = None
 
     @property
     def kv_padded(self) -> bool:
@@ -131,6 +135,13 @@ def _rows_mask(vis_BQS, g):
     return jnp.broadcast_to(vis_BQS[:, None, None], (b, 1, g, q, s)).reshape(b, 1, g * q, s)
 
 
+def _report(cfg, which, qs: Side, ks: Side, i, j, masked):
+    if cfg.tile_callback is not None:
+        first = lambda side, n, b: side.pos[0, n * b]  # noqa: E731
+        q0, k0 = first(qs, i, cfg.block_q), first(ks, j, cfg.block_k)
+        jax.debug.callback(cfg.tile_callback, which, q0, k0, masked, ordered=False)
+
+
 def _switch(state, skip, full, partial, *operands):
     """lax.switch on SKIP/FULL/PARTIAL, with the branch order tied to the constants."""
     branches = [None] * 3
@@ -153,6 +164,7 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, 
         m = _rows_stat(lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3))
 
         def tile(j, carry, masked):
+            _report(cfg, "fwd", qs, ks, i, j, masked)
             acc, m, den = carry
             k_ = _tile(k_BSKD, j, bk, cfg.dtype)
             v_ = _tile(v_BSKD, j, bk, cfg.dtype)
@@ -207,6 +219,7 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
         v_BSKD_ = _tile(v_BSKD, j, bk, cfg.dtype)
 
         def tile(i, carry, masked):
+            _report(cfg, "bwd", qs, ks, i, j, masked)
             dq_BTKGD, dk_, dv_ = carry
             # Rows are (query head in group, query) pairs: [B, K, G * bq, D], so that every dot
             # is a plain batched matmul over KV heads (no size-1 group dim for XLA to lay out).
@@ -368,10 +381,13 @@ def blockwise_attention(
     block_q=512,
     block_k=512,
     return_lse=False,
+    tile_callback=None,
 ):
     """Exact attention in O(T) memory, same arguments and results as `reference_attention`.
 
     Lengths need not be multiples of the block sizes. lse is natural-log, f32, [B, H, T].
+    `tile_callback(pass, q_pos, kv_pos, masked)`, if given, runs on the host for every tile
+    computed ("fwd" or "bwd"; first positions of the query and key blocks; masked: PARTIAL).
     """
     fn = "blockwise_attention"
     spec, m, scale = inputs.check_and_normalize(
@@ -390,6 +406,6 @@ def blockwise_attention(
     check_blocks(fn, block_q, block_k)
     t, s = q.shape[1], k.shape[1]
     dtype = jnp.result_type(q, k, v)
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype)
+    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype, tile_callback)
     out, lse = _attention(cfg, q.astype(dtype), k.astype(dtype), v.astype(dtype), m)
     return (out, lse) if return_lse else out

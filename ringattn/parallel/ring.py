@@ -174,12 +174,14 @@ def ring_attention(
     block_q=512,
     block_k=512,
     return_lse=False,
+    tile_callback=None,
 ):
     """Exact attention over a sequence sharded along the mesh axis `axis_name`.
 
     Call inside `jax.shard_map`; q/k/v, segment ids and positions are this device's shards, in
     `layout` order. Positions not given are those `layout` assigns to this device. Returns the
     local output (and lse [B, H, T_local], f32), exactly as dense attention over the whole sequence.
+    `tile_callback` as in `blockwise_attention`: it sees every tile every device computes.
     """
     fn = "ring_attention"
     inputs.check_qkv(fn, q, k, v)
@@ -209,7 +211,7 @@ def ring_attention(
     )
     blockwise.check_blocks(fn, block_q, block_k)
     dtype = jnp.result_type(q, k, v)
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype)
+    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype, tile_callback)
     plan = plan_ring(spec, layout, n, t, s) if from_layout else RingPlan(0, n)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     out, lse = _ring(cfg, axis_name, plan, q, k, v, m)
