@@ -21,13 +21,15 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import bench_report
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ringattn
 
-IMPLS = ("dense", "dense_cudnn", "blockwise", "ring", "original")
+IMPLS = ("dense", "dense_cudnn", "blockwise", "original")  # + context-parallel: STRATEGY[/LAYOUT]
+STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
 MODES = ("fwd", "fwdbwd")
 MASKS = ("causal", "none", "window")
 SINGLE_DEVICE_IMPLS = ("dense", "dense_cudnn", "blockwise")
@@ -50,23 +52,31 @@ class BenchConfig:
     dtype: str = "float32"
     mask: str = "causal"
     window: int = 1024  # --mask=window: causal sliding window, pos(i) - window <= pos(j) <= pos(i)
-    impls: tuple[str, ...] = IMPLS
+    impls: tuple[str, ...] = ("dense", "blockwise", "ring", "original")
     modes: tuple[str, ...] = MODES
     block_q: int = 512
     block_k: int = 512
-    num_devices: int = 8
+    device_counts: tuple[int, ...] = (8,)
+    ulysses_size: int = 2  # hybrid: the Ulysses axis of the 2-D context mesh
     warmup: int = 1
     iters: int = 3
     dry_run: bool = False
     matmul_size: int = 2048
     original_max_seq_len: int = 0  # 0: no cap
     out: str | None = None
+    plot_dir: str | None = None
+    markdown: str | None = None
 
     def __post_init__(self):
-        for name, allowed, given in (("impls", IMPLS, self.impls), ("modes", MODES, self.modes)):
-            bad = [x for x in given if x not in allowed]
-            if bad:
-                raise ValueError(f"{name}: expected a subset of {allowed}, got {bad}")
+        bad = [x for x in self.impls if x not in IMPLS and not _is_cp(x)]
+        if bad:
+            raise ValueError(
+                f"impls: expected names from {IMPLS} or STRATEGY[/LAYOUT] with a strategy from "
+                f"{STRATEGIES} and a layout from {ringattn.LAYOUTS}, got {bad}"
+            )
+        bad = [x for x in self.modes if x not in MODES]
+        if bad:
+            raise ValueError(f"modes: expected a subset of {MODES}, got {bad}")
         if self.mask not in MASKS:
             raise ValueError(f"mask: expected one of {MASKS}, got {self.mask!r}")
         if self.num_heads % self.num_kv_heads:
@@ -74,6 +84,11 @@ class BenchConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
+
+
+def _is_cp(impl: str) -> bool:
+    strategy, _, layout = impl.partition("/")
+    return strategy in STRATEGIES and (not layout or layout in ringattn.LAYOUTS)
 
 
 def set_num_cpu_devices(n: int) -> None:
@@ -149,16 +164,24 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
     if impl == "blockwise":
         bq, bk = min(cfg.block_q, seq_len), min(cfg.block_k, seq_len)
         return lambda q, k, v: ringattn.blockwise_attention(q, k, v, block_q=bq, block_k=bk, **mask)
-    if impl == "ring":
+    if _is_cp(impl):
+        strategy, _, layout = impl.partition("/")
         bq, bk = min(cfg.block_q, local_len), min(cfg.block_k, local_len)
+        axis_name = AXIS
+        if strategy == "hybrid":
+            u = cfg.ulysses_size
+            if n % u:
+                raise Unsupported(f"--ulysses_size={u} does not divide {n} devices")
+            mesh = jax.make_mesh((u, n // u), ("ulysses", "ring"), devices=mesh.devices.ravel())
+            axis_name = ("ulysses", "ring")
         return lambda q, k, v: ringattn.context_parallel_attention(
             q,
             k,
             v,
             mesh=mesh,
-            axis_name=AXIS,
-            strategy="ring",
-            layout="contiguous",
+            axis_name=axis_name,
+            strategy=strategy,
+            layout=layout or "contiguous",
             block_q=bq,
             block_k=bk,
             **mask,
@@ -287,76 +310,88 @@ def matmul_gflops(cfg: BenchConfig, device: jax.Device) -> dict:
 
 
 def run(cfg: BenchConfig) -> list[dict]:
-    """Benchmarks every impl x T x mode; prints a table and ratios; returns the rows."""
-    devices = jax.devices()
-    if len(devices) < cfg.num_devices:
-        print(
-            f"note: {len(devices)} {devices[0].platform} device(s) available, "
-            f"--num_devices={cfg.num_devices}; using {len(devices)}"
-        )
-    devices = devices[: cfg.num_devices]
-    mesh = jax.make_mesh((len(devices),), (AXIS,), devices=devices)
-    n = len(devices)
-    print(_header(cfg, devices))
-
+    """Benchmarks every device count x T x impl x mode: prints a table and ratios, writes JSON
+    lines, a markdown table and plots if asked; returns the rows."""
+    available = jax.devices()
+    counts = [c for c in cfg.device_counts if c <= len(available)]
+    if len(counts) < len(cfg.device_counts):
+        print(f"note: only {len(available)} {available[0].platform} device(s); using {counts}")
+    counts = counts or [len(available)]
+    print(bench_report.header(cfg, available[: max(counts)]))
     matmul = None
     if cfg.matmul_size and not cfg.dry_run:
-        matmul = matmul_gflops(cfg, devices[0])
+        matmul = matmul_gflops(cfg, available[0])
         print(
             f"matmul f32 {cfg.matmul_size}^3 on 1 device: {matmul['time_s'] * 1e3:.1f} ms, "
             f"{matmul['gflops_per_s']:.1f} GFLOP/s"
         )
-    print("\n" + _column_titles())
-
     rows = []
-    for seq_len in cfg.seq_lens:
-        if cfg.dry_run:
-            inputs = {
-                name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype))
-                for name, shape in input_shapes(cfg, seq_len).items()
-            }
-        else:
-            inputs = make_inputs(cfg, seq_len)
-        pending = []  # (row, executable, args) compiled for this T, timed together below
-        for impl in cfg.impls:
-            single = impl in SINGLE_DEVICE_IMPLS
-            sharding = (
-                jax.sharding.SingleDeviceSharding(devices[0])
-                if single
-                else jax.NamedSharding(mesh, jax.P(None, AXIS))
-            )
-            placed = {name: _place(x, sharding) for name, x in inputs.items()}
-            for mode in cfg.modes:
-                row = _row(cfg, impl, mode, seq_len, 1 if single else n)
-                try:
-                    fn = with_mode(make_attention(impl, cfg, mesh, seq_len), mode)
-                    names = ("q", "k", "v") if mode == "fwd" else ("q", "k", "v", "dout")
-                    args = [placed[x] for x in names]
-                    compiled, info = compile_once(fn, args)
-                    row.update(info)
-                    if not cfg.dry_run:
-                        pending.append((row, compiled, args))
-                except Unsupported as e:
-                    row["skipped"] = str(e)
-                except Exception as e:  # noqa: BLE001 - report and go on with the others.
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                rows.append(row)
-        if pending:
-            calls = [functools.partial(c, *a) for _, c, a in pending]
-            for (row, _, _), t in zip(pending, time_interleaved(calls, cfg), strict=True):
-                row["time_s"] = t
-        for row in rows:
-            if row["seq_len"] == seq_len:
+    for n in counts:
+        print("\n" + bench_report.column_titles())
+        # Single-device impls do not depend on n: they run with the first device count only.
+        impls = [i for i in cfg.impls if n == counts[0] or i not in SINGLE_DEVICE_IMPLS]
+        for seq_len in cfg.seq_lens:
+            new = _run_one(cfg, impls, available[:n], seq_len)
+            for row in new:
                 _derive(row, cfg, matmul)
-                print(_format_row(row), flush=True)
-        print()
-    print(_ratios(rows))
+                print(bench_report.format_row(row), flush=True)
+            rows += new
+            print()
+    print(bench_report.ratios(rows))
     if cfg.out:
         with open(cfg.out, "a") as f:
             if matmul is not None:
                 f.write(json.dumps({"kind": "matmul", "size": cfg.matmul_size, **matmul}) + "\n")
             for row in rows:
                 f.write(json.dumps({"kind": "attention", **row}) + "\n")
+    if cfg.markdown:
+        with open(cfg.markdown, "w") as f:
+            f.write(bench_report.markdown(rows, cfg))
+    if cfg.plot_dir:
+        for path in bench_report.plots(rows, cfg.plot_dir):
+            print(f"wrote {path}")
+    return rows
+
+
+def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
+    """Every impl x mode at one length on `devices`: compiled first, then timed together."""
+    n = len(devices)
+    mesh = jax.make_mesh((n,), (AXIS,), devices=devices)
+    if cfg.dry_run:
+        inputs = {
+            name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype))
+            for name, shape in input_shapes(cfg, seq_len).items()
+        }
+    else:
+        inputs = make_inputs(cfg, seq_len)
+    rows, pending = [], []  # pending: (row, executable, args)
+    for impl in impls:
+        single = impl in SINGLE_DEVICE_IMPLS
+        sharding = (
+            jax.sharding.SingleDeviceSharding(devices[0])
+            if single
+            else jax.NamedSharding(mesh, jax.P(None, AXIS))
+        )
+        placed = {name: _place(x, sharding) for name, x in inputs.items()}
+        for mode in cfg.modes:
+            row = _row(cfg, impl, mode, seq_len, 1 if single else n)
+            try:
+                fn = with_mode(make_attention(impl, cfg, mesh, seq_len), mode)
+                names = ("q", "k", "v") if mode == "fwd" else ("q", "k", "v", "dout")
+                args = [placed[x] for x in names]
+                compiled, info = compile_once(fn, args)
+                row.update(info)
+                if not cfg.dry_run:
+                    pending.append((row, compiled, args))
+            except Unsupported as e:
+                row["skipped"] = str(e)
+            except Exception as e:  # noqa: BLE001 - report and go on with the others.
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            rows.append(row)
+    if pending:
+        calls = [functools.partial(c, *a) for _, c, a in pending]
+        for (row, _, _), t in zip(pending, time_interleaved(calls, cfg), strict=True):
+            row["time_s"] = t
     return rows
 
 
@@ -368,7 +403,18 @@ def _place(x, sharding):
 
 def _row(cfg: BenchConfig, impl: str, mode: str, seq_len: int, devices: int) -> dict:
     config = dataclasses.asdict(cfg)
-    for key in ("seq_lens", "impls", "modes", "out", "warmup", "iters", "original_max_seq_len"):
+    for key in (
+        "seq_lens",
+        "impls",
+        "modes",
+        "out",
+        "warmup",
+        "iters",
+        "original_max_seq_len",
+        "device_counts",
+        "plot_dir",
+        "markdown",
+    ):
         config.pop(key)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     q_shard = cfg.batch * (seq_len // devices) * cfg.num_heads * cfg.head_dim * itemsize
@@ -392,88 +438,3 @@ def _derive(row: dict, cfg: BenchConfig, matmul: dict | None) -> None:
             row["frac_of_matmul"] = row["gflops_per_s"] / matmul["gflops_per_s"]
     if "temp_bytes" in row:
         row["temp_over_q_shard"] = row["temp_bytes"] / row["q_shard_bytes"]
-
-
-# ------------------------------------------------------------------------------- reporting
-
-_COLUMNS = (  # (title, width, format)
-    ("impl", 9, "{impl}"),
-    ("mode", 6, "{mode}"),
-    ("T", 9, "{seq_len}"),
-    ("dev", 3, "{devices}"),
-    ("time ms", 10, "{time_ms}"),
-    ("GFLOP/s", 8, "{gflops}"),
-    ("%matmul", 7, "{frac}"),
-    ("temp MiB/dev", 12, "{temp}"),
-    ("args MiB/dev", 12, "{args}"),
-    ("temp/q_shard", 12, "{ratio}"),
-    ("compile s", 9, "{compile}"),
-)
-
-
-def _header(cfg: BenchConfig, devices) -> str:
-    platform = devices[0].platform
-    simulated = f" (simulated on {os.cpu_count()} CPU cores)" if platform == "cpu" else ""
-    lines = [
-        f"jax {jax.__version__}, {len(devices)} x {platform}{simulated}",
-        f"B={cfg.batch} H={cfg.num_heads} K={cfg.num_kv_heads} D={cfg.head_dim} {cfg.dtype} "
-        f"mask={cfg.mask}"
-        + (f" window={cfg.window}" if cfg.mask == "window" else "")
-        + f" block_q={cfg.block_q} block_k={cfg.block_k}"
-        + (" DRY RUN (compile only)" if cfg.dry_run else f" warmup={cfg.warmup} iters={cfg.iters}"),
-        "GFLOP/s counts visible pairs only: fwd 4*D, fwd+bwd 14*D flops per (query, key) pair "
-        "per head; dense/blockwise run on 1 device, ring/original on all.",
-    ]
-    return "\n".join(lines)
-
-
-def _column_titles() -> str:
-    return " ".join(title.rjust(width) for title, width, _ in _COLUMNS)
-
-
-def _format_row(row: dict) -> str:
-    def num(key, scale=1.0, fmt="{:.1f}"):
-        return fmt.format(row[key] * scale) if key in row else "-"
-
-    values = dict(
-        impl=row["impl"],
-        mode=row["mode"],
-        seq_len=row["seq_len"],
-        devices=row["devices"],
-        time_ms=num("time_s", 1e3),
-        gflops=num("gflops_per_s"),
-        frac=num("frac_of_matmul", 100, "{:.0f}%"),
-        temp=num("temp_bytes", 1 / MiB),
-        args=num("arg_bytes", 1 / MiB),
-        ratio=num("temp_over_q_shard", 1, "{:.2f}"),
-        compile=num("compile_s"),
-    )
-    line = " ".join(fmt.format(**values).rjust(width) for _, width, fmt in _COLUMNS)
-    if "skipped" in row:
-        line += f"  skipped: {row['skipped']}"
-    if "error" in row:
-        line += f"  ERROR: {row['error']}"
-    return line
-
-
-_RATIO_PAIRS = (
-    ("ring", "original"),
-    ("ring", "dense"),
-    ("ring", "blockwise"),
-    ("blockwise", "dense"),
-)
-
-
-def _ratios(rows: list[dict]) -> str:
-    """Time ratios (or temp-memory ratios in a dry run) between impls at equal T and mode."""
-    by_key = {(r["impl"], r["seq_len"], r["mode"]): r for r in rows}
-    metric = "time_s" if any("time_s" in r for r in rows) else "temp_bytes"
-    title = "time" if metric == "time_s" else "temp memory per device"
-    lines = [f"ratios of {title} (< 1: the first is better):"]
-    for seq_len, mode in dict.fromkeys((r["seq_len"], r["mode"]) for r in rows):
-        for a, b in _RATIO_PAIRS:
-            ra, rb = by_key.get((a, seq_len, mode), {}), by_key.get((b, seq_len, mode), {})
-            if ra.get(metric) and rb.get(metric):
-                ratio = ra[metric] / rb[metric]
-                lines.append(f"  T={seq_len:<8} {mode:<6} {a}/{b} = {ratio:.3g}")
-    return "\n".join(lines) if len(lines) > 1 else "ratios: nothing to compare"

@@ -32,13 +32,23 @@ _MASK = flags.DEFINE_enum(
     "causal | none | window (causal sliding window of --window keys).",
 )
 _WINDOW = flags.DEFINE_integer("window", 1024, "Left reach of --mask=window.")
-_IMPLS = flags.DEFINE_list("impls", list(bench_lib.IMPLS), "Implementations to run.")
+_IMPLS = flags.DEFINE_list(
+    "impls",
+    ["dense", "blockwise", "ring", "original"],
+    f"Implementations: {bench_lib.IMPLS} or context-parallel STRATEGY[/LAYOUT], with STRATEGY "
+    f"in {bench_lib.STRATEGIES} (e.g. ring/zigzag, ulysses, hybrid/striped).",
+)
 _MODE = flags.DEFINE_list("mode", list(bench_lib.MODES), "fwd and/or fwdbwd.")
 _BLOCK_Q = flags.DEFINE_integer("block_q", 512, "Query block (capped at the local length).")
 _BLOCK_K = flags.DEFINE_integer("block_k", 512, "Key block (capped at the local length).")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", 8, "Devices in the context mesh (simulated when on CPU)."
+_NUM_DEVICES = flags.DEFINE_list(
+    "num_devices", ["8"], "Device counts of the context mesh (simulated when on CPU)."
 )
+_ULYSSES_SIZE = flags.DEFINE_integer(
+    "ulysses_size", 2, "hybrid: size of the Ulysses axis of the 2-D context mesh."
+)
+_PLOT_DIR = flags.DEFINE_string("plot_dir", None, "Write PNG plots (time, memory vs T) here.")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "Write a markdown table of the results here.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls; the median is reported.")
 _DRY_RUN = flags.DEFINE_bool(
@@ -57,7 +67,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Silence JAX's backend-probing INFO lines.
     # Before anything touches a JAX backend.
-    bench_lib.set_num_cpu_devices(_NUM_DEVICES.value)
+    counts = tuple(int(n) for n in _NUM_DEVICES.value)
+    bench_lib.set_num_cpu_devices(max(counts))
     config = bench_lib.BenchConfig(
         seq_lens=tuple(int(t) for t in _SEQ_LENS.value),
         batch=_BATCH.value,
@@ -71,7 +82,10 @@ def main(argv):
         modes=tuple(_MODE.value),
         block_q=_BLOCK_Q.value,
         block_k=_BLOCK_K.value,
-        num_devices=_NUM_DEVICES.value,
+        device_counts=counts,
+        ulysses_size=_ULYSSES_SIZE.value,
+        plot_dir=_PLOT_DIR.value,
+        markdown=_MARKDOWN.value,
         warmup=_WARMUP.value,
         iters=_ITERS.value,
         dry_run=_DRY_RUN.value,
