@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import itertools
 import json
 import os
 import statistics
@@ -50,7 +51,8 @@ class BenchConfig:
     num_kv_heads: int = 8
     head_dim: int = 64
     dtype: str = "float32"
-    mask: str = "causal"
+    mask: str = "causal"  # the mask being measured; run() sweeps `masks`
+    masks: tuple[str, ...] = ()
     window: int = 1024  # --mask=window: causal sliding window, pos(i) - window <= pos(j) <= pos(i)
     impls: tuple[str, ...] = ("dense", "blockwise", "ring", "original")
     modes: tuple[str, ...] = MODES
@@ -77,8 +79,9 @@ class BenchConfig:
         bad = [x for x in self.modes if x not in MODES]
         if bad:
             raise ValueError(f"modes: expected a subset of {MODES}, got {bad}")
-        if self.mask not in MASKS:
-            raise ValueError(f"mask: expected one of {MASKS}, got {self.mask!r}")
+        for mask in (self.mask, *self.masks):
+            if mask not in MASKS:
+                raise ValueError(f"mask: expected one of {MASKS}, got {mask!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -365,7 +368,8 @@ def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
     else:
         inputs = make_inputs(cfg, seq_len)
     rows, pending = [], []  # pending: (row, executable, args)
-    for impl in impls:
+    for impl, mask in itertools.product(impls, cfg.masks or (cfg.mask,)):
+        cfg = dataclasses.replace(cfg, mask=mask)
         single = impl in SINGLE_DEVICE_IMPLS
         sharding = (
             jax.sharding.SingleDeviceSharding(devices[0])
@@ -414,6 +418,7 @@ def _row(cfg: BenchConfig, impl: str, mode: str, seq_len: int, devices: int) -> 
         "device_counts",
         "plot_dir",
         "markdown",
+        "masks",
     ):
         config.pop(key)
     itemsize = jnp.dtype(cfg.dtype).itemsize

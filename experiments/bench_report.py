@@ -11,6 +11,7 @@ MiB = 2**20
 
 _COLUMNS = (  # (title, width, format)
     ("impl", 9, "{impl}"),
+    ("mask", 6, "{mask}"),
     ("mode", 6, "{mode}"),
     ("T", 9, "{seq_len}"),
     ("dev", 3, "{devices}"),
@@ -30,8 +31,8 @@ def header(cfg, devices) -> str:
     lines = [
         f"jax {jax.__version__}, {len(devices)} x {platform}{simulated}",
         f"B={cfg.batch} H={cfg.num_heads} K={cfg.num_kv_heads} D={cfg.head_dim} {cfg.dtype} "
-        f"mask={cfg.mask}"
-        + (f" window={cfg.window}" if cfg.mask == "window" else "")
+        f"mask={','.join(cfg.masks or (cfg.mask,))}"
+        + (f" window={cfg.window}" if "window" in (cfg.masks or (cfg.mask,)) else "")
         + f" block_q={cfg.block_q} block_k={cfg.block_k}"
         + (" DRY RUN (compile only)" if cfg.dry_run else f" warmup={cfg.warmup} iters={cfg.iters}"),
         "GFLOP/s counts visible pairs only: fwd 4*D, fwd+bwd 14*D flops per (query, key) pair "
@@ -50,6 +51,7 @@ def format_row(row: dict) -> str:
 
     values = dict(
         impl=row["impl"],
+        mask=row["mask"],
         mode=row["mode"],
         seq_len=row["seq_len"],
         devices=row["devices"],
@@ -77,34 +79,44 @@ def _baseline(rows: list[dict]) -> str | None:
 def ratios(rows: list[dict]) -> str:
     """Each impl's time (or temp memory, in a dry run) over the baseline's ("original" when it
     ran, else "dense") at equal device count, T and mode."""
-    base = _baseline(rows)
+    base = _baseline(rows) or ""
     metric = "time_s" if any("time_s" in r for r in rows) else "temp_bytes"
     title = "time" if metric == "time_s" else "temp memory per device"
-    lines = [f"ratios of {title} to {base} (< 1: better than {base}):"]
-    by_key = {(r["impl"], r["devices"], r["seq_len"], r["mode"]): r for r in rows}
+    lines = [f"ratios of {title} to {base} (< 1: better than {base}):"] if base else []
+    by_key = {(r["impl"], r["mask"], r["devices"], r["seq_len"], r["mode"]): r for r in rows}
     for r in rows:
         if r["impl"] == base or not r.get(metric):
             continue
         # single-device baselines (dense) are compared at their own device count of 1
         for devices in (r["devices"], 1):
-            b = by_key.get((base, devices, r["seq_len"], r["mode"]), {})
+            b = by_key.get((base, r["mask"], devices, r["seq_len"], r["mode"]), {})
             if b.get(metric):
                 lines.append(
-                    f"  n={r['devices']:<2} T={r['seq_len']:<8} {r['mode']:<6} "
+                    f"  n={r['devices']:<2} T={r['seq_len']:<8} {r['mode']:<6} {r['mask']:<7} "
                     f"{r['impl']}/{base} = {r[metric] / b[metric]:.3g}"
                 )
                 break
-    return "\n".join(lines) if len(lines) > 1 else "ratios: nothing to compare"
+    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    if len(masks) > 1:  # the same impl under each mask, against the first mask swept
+        lines.append(f"ratios of {title} to mask {masks[0]} (is masked work really skipped?):")
+        for r in rows:
+            b = by_key.get((r["impl"], masks[0], r["devices"], r["seq_len"], r["mode"]), {})
+            if r["mask"] != masks[0] and r.get(metric) and b.get(metric):
+                lines.append(
+                    f"  n={r['devices']:<2} T={r['seq_len']:<8} {r['mode']:<6} {r['impl']}: "
+                    f"{r['mask']}/{masks[0]} = {r[metric] / b[metric]:.3g}"
+                )
+    return "\n".join(lines) if lines else "ratios: nothing to compare"
 
 
 def markdown(rows: list[dict], cfg) -> str:
     """A markdown table of the rows (for the README), with the settings it was measured at."""
     lines = [
         f"B={cfg.batch} H={cfg.num_heads} K={cfg.num_kv_heads} D={cfg.head_dim} {cfg.dtype} "
-        f"mask={cfg.mask}, jax {jax.__version__} on {jax.devices()[0].platform}",
+        f"jax {jax.__version__} on {jax.devices()[0].platform}",
         "",
-        "| impl | mode | devices | T | time ms | GFLOP/s | temp MiB/device | temp / q shard |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| impl | mask | mode | devices | T | time ms | GFLOP/s | temp MiB/dev | temp / q shard |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "skipped" in r or "error" in r:
@@ -114,8 +126,8 @@ def markdown(rows: list[dict], cfg) -> str:
         mem = f"{r['temp_bytes'] / MiB:.1f}" if "temp_bytes" in r else "-"
         ratio = f"{r['temp_over_q_shard']:.2f}" if "temp_over_q_shard" in r else "-"
         lines.append(
-            f"| {r['impl']} | {r['mode']} | {r['devices']} | {r['seq_len']} | {t} | {g} | "
-            f"{mem} | {ratio} |"
+            f"| {r['impl']} | {r['mask']} | {r['mode']} | {r['devices']} | {r['seq_len']} | "
+            f"{t} | {g} | {mem} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 

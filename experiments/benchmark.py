@@ -25,11 +25,11 @@ _NUM_HEADS = flags.DEFINE_integer("num_heads", 8, "Query heads H.")
 _NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 8, "Key/value heads K (K < H: GQA).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension D.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "q/k/v dtype.")
-_MASK = flags.DEFINE_enum(
+_MASK = flags.DEFINE_list(
     "mask",
-    "causal",
-    list(bench_lib.MASKS),
-    "causal | none | window (causal sliding window of --window keys).",
+    ["causal"],
+    "Masks, measured side by side: causal | none | window (causal sliding window of --window "
+    "keys).",
 )
 _WINDOW = flags.DEFINE_integer("window", 1024, "Left reach of --mask=window.")
 _IMPLS = flags.DEFINE_list(
@@ -76,7 +76,8 @@ def main(argv):
         num_kv_heads=_NUM_KV_HEADS.value,
         head_dim=_HEAD_DIM.value,
         dtype=_DTYPE.value,
-        mask=_MASK.value,
+        mask=_MASK.value[0],
+        masks=tuple(_MASK.value),
         window=_WINDOW.value,
         impls=tuple(_IMPLS.value),
         modes=tuple(_MODE.value),
