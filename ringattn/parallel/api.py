@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ringattn.attention import inputs
 from ringattn.attention.blockwise import check_blocks
-from ringattn.parallel import layouts, ring
+from ringattn.parallel import allgather, hybrid, layouts, ring, ulysses
 
-STRATEGIES = ("ring",)
+STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
+_LOCAL = {
+    "ring": ring.ring_attention,
+    "allgather": allgather.allgather_attention,
+    "ulysses": ulysses.ulysses_attention,
+    "hybrid": hybrid.hybrid_attention,
+}
 
 
 def _place(x, mesh, spec):
@@ -24,6 +31,47 @@ def _place(x, mesh, spec):
     if any(types[a] == AxisType.Explicit for a in used):
         return jax.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _axis_names(fn, mesh, axis_name):
+    """The mesh axes `axis_name` names (one, or a pair for 'hybrid'), all checked to exist."""
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    for a in names:
+        if a not in mesh.axis_names:
+            raise ValueError(
+                f"{fn}: `axis_name` {a!r} is not an axis of the mesh {mesh.axis_names}."
+            )
+    return names
+
+
+def _check_axis_form(fn, strategy, axis_name):
+    if strategy == "hybrid":
+        hybrid.check_axis_pair(fn, axis_name)
+    elif isinstance(axis_name, (tuple, list)):
+        raise ValueError(
+            f"{fn}: `axis_name` must be a single mesh axis for strategy {strategy!r}, got "
+            f"{axis_name!r}; a pair (ulysses_axis, ring_axis) is for strategy 'hybrid'."
+        )
+
+
+def _choose(q, k, mesh, axis_name, spec, layout):
+    from ringattn.parallel import schedule  # only "auto" needs the cost model
+
+    b, t, h, d = q.shape
+    return schedule.choose_strategy(
+        batch=b,
+        q_len=t,
+        kv_len=k.shape[1],
+        num_heads=h,
+        num_kv_heads=k.shape[2],
+        head_dim=d,
+        dtype=jnp.result_type(q, k),
+        mesh_axis_sizes=dict(mesh.shape),
+        axis_name=axis_name,
+        causal=spec.causal,
+        local_window_size=spec.window,
+        layout=layout,
+    )
 
 
 def context_parallel_attention(
@@ -44,6 +92,7 @@ def context_parallel_attention(
     scale=None,
     block_q=512,
     block_k=512,
+    head_chunks=1,
     return_lse=False,
 ):
     """Exact attention over global q [B, T, H, D], k/v [B, S, K, D] split along `axis_name`.
@@ -51,23 +100,28 @@ def context_parallel_attention(
     The sequence is already in `layout` order (see `to_layout`) and the result comes back in the
     same order; positions not given are the ones `layout` implies. Works under `jax.jit` with any
     mesh (Explicit or Auto axes); the other mesh axes hold replicas.
+
+    strategy: "ring" (pass-KV), "allgather" (gather K/V, `head_chunks` KV-head chunks at a time),
+    "ulysses" (all-to-all to head shards; heads a multiple of the axis size), "hybrid"
+    (`axis_name` = (ulysses_axis, ring_axis); the sequence is sharded over both, ring-major:
+    `layout` order over n_u * n_r shards, shard i on ring index i // n_u, Ulysses index
+    i % n_u), or "auto" (`schedule.choose_strategy` picks one from the shapes and the mesh).
     """
     fn = "context_parallel_attention"
     if strategy not in STRATEGIES:
         raise ValueError(f"{fn}: `strategy` must be one of {STRATEGIES}, got {strategy!r}.")
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"{fn}: `axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}."
-        )
-    n = mesh.shape[axis_name]
+    names = _axis_names(fn, mesh, axis_name)
+    if strategy != "auto":
+        _check_axis_form(fn, strategy, axis_name)
+    n = math.prod(mesh.shape[a] for a in names)
     inputs.check_qkv(fn, q, k, v)
     t, s = q.shape[1], k.shape[1]
     layouts.check_layout(fn, layout, t, n, "query length")
     layouts.check_layout(fn, layout, s, n, "key length")
-    # Positions the caller did not give come from the layout. If neither was given, the ring
-    # derives them itself and then knows statically which of its steps the mask needs.
+    # Positions the caller did not give come from the layout. If neither was given, each device
+    # derives its own (and the ring then knows statically which of its steps the mask needs).
     given = q_positions is not None or kv_positions is not None
     if q_positions is None:
         q_positions = layouts.layout_positions(layout, t, n)
@@ -87,17 +141,31 @@ def context_parallel_attention(
         scale=scale,
     )
     check_blocks(fn, block_q, block_k)
+    allgather.check_head_chunks(fn, head_chunks, k.shape[2])
+    if head_chunks != 1 and strategy not in ("allgather", "auto"):
+        raise ValueError(
+            f"{fn}: `head_chunks` applies to strategy 'allgather' only, got {head_chunks} with "
+            f"strategy {strategy!r}."
+        )
+    if strategy == "auto":
+        strategy = _choose(q, k, mesh, axis_name, spec, layout)
+        _check_axis_form(fn, strategy, axis_name)
+    if strategy in ("ulysses", "hybrid"):
+        ulysses.check_heads(fn, q.shape[2], mesh.shape[names[0]], names[0])
 
-    seq = P(None, axis_name)
-    qkv = P(None, axis_name, None, None)
+    # hybrid: ring-major, so each Ulysses group holds consecutive shards (hybrid.py).
+    seq_axes = names[::-1] if strategy == "hybrid" else axis_name
+    seq = P(None, seq_axes)
+    qkv = P(None, seq_axes, None, None)
     args = (q, k, v, *((m.q_pos, m.kv_pos) if given else (None, None)), m.q_seg, m.kv_seg)
     specs = (qkv, qkv, qkv, seq, seq, seq, seq)
     args = tuple(
         None if x is None else _place(x, mesh, sp) for x, sp in zip(args, specs, strict=True)
     )
+    extra = dict(head_chunks=head_chunks) if strategy == "allgather" else {}
 
     def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return ring.ring_attention(
+        return _LOCAL[strategy](
             q,
             k,
             v,
@@ -113,12 +181,13 @@ def context_parallel_attention(
             block_q=block_q,
             block_k=block_k,
             return_lse=True,
+            **extra,
         )
 
     out, lse = jax.shard_map(
-        functools.partial(local),
+        local,
         mesh=mesh,
         in_specs=specs,
-        out_specs=(qkv, P(None, None, axis_name)),
+        out_specs=(qkv, P(None, None, seq_axes)),
     )(*args)
     return (out, lse) if return_lse else out

@@ -39,7 +39,7 @@ def shard_positions(layout, local_len, index, num_shards):
     if layout == "zigzag":
         c = local_len // 2
         chunk = xp.where(iota < c, index, 2 * num_shards - 1 - index)
-        return chunk * c + iota % c
+        return (chunk * c + iota % c).astype(np.int32)
     raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
 
 

@@ -324,7 +324,7 @@ def _qkv(t=16, s=16, h=4, kh=2, d=4):
 @pytest.mark.parametrize(
     "kwargs, qkv, exc, pattern",
     [
-        (dict(strategy="ulysses"), {}, ValueError, "`strategy`"),
+        (dict(strategy="usp"), {}, ValueError, "`strategy`"),
         (dict(layout="diagonal"), {}, ValueError, "`layout`"),
         (dict(axis_name="sequence"), {}, ValueError, "`axis_name`"),
         (dict(mesh="mesh"), {}, TypeError, "`mesh`"),

@@ -1,0 +1,137 @@
+"""Ulysses attention (DeepSpeed-Ulysses), called inside `jax.shard_map` on the local shards.
+
+One all-to-all turns the sequence-sharded q/k/v [B, T/n, H, D] into head-sharded [B, T, H/n, D]:
+device r gets query heads [r H/n, (r + 1) H/n) over the whole sequence, attends with them
+(positions and segment ids are gathered to the whole sequence) and a second all-to-all brings
+the output back to sequence shards. Two all-to-alls of q/k/v/out each way instead of n - 1 K/V
+sends, but the heads must be a multiple of the axis size.
+
+GQA/MQA: K/V are repeated (`repeat_kv`) only as far as each device needs one copy of the KV
+heads its query heads use: not at all when n divides K, n / K times when K divides n.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jax import lax
+
+from ringattn.attention import blockwise, inputs
+from ringattn.parallel.allgather import gather_sequence, local_positions
+
+
+def check_heads(fn, num_heads, axis_size, axis):
+    if num_heads % axis_size:
+        raise ValueError(
+            f"{fn}: Ulysses splits the heads of `q` ({num_heads}) over the {axis_size} devices of "
+            f"axis {axis!r}, so they must be a multiple of {axis_size}; use `strategy`='ring', or "
+            f"'hybrid' with a Ulysses axis that divides the heads."
+        )
+
+
+def repeat_kv(k_BSKD, n):
+    """KV heads repeated so that n divides them and the all-to-all hands each device exactly the
+    KV heads of its query heads: lcm(K, n) heads, each repeated n / gcd(K, n) times (consecutive
+    copies, so query head h still uses KV head h // (H / heads))."""
+    rep = n // math.gcd(k_BSKD.shape[2], n)
+    return k_BSKD if rep == 1 else k_BSKD.repeat(rep, axis=2)
+
+
+def to_heads(x_BLHD, axis_name):
+    """[B, L/n, H, D] sequence shards -> [B, L, H/n, D] head shards, the sequence in shard order."""
+    return lax.all_to_all(x_BLHD, axis_name, split_axis=2, concat_axis=1, tiled=True)
+
+
+def to_sequence(x_BLHD, axis_name):
+    """Inverse of `to_heads`."""
+    return lax.all_to_all(x_BLHD, axis_name, split_axis=1, concat_axis=2, tiled=True)
+
+
+def lse_to_sequence(lse_BHL, axis_name):
+    """lse [B, H/n, L] head shards -> [B, H, L/n] sequence shards."""
+    return lax.all_to_all(lse_BHL, axis_name, split_axis=2, concat_axis=1, tiled=True)
+
+
+def ulysses(attend, fn, q, k, v, *, axis_name, m, spec, scale):
+    """`attend` on head shards between the two all-to-alls over `axis_name`.
+
+    `attend(q, k, v, causal=, local_window_size=, segment_ids=, kv_segment_ids=, q_positions=,
+    kv_positions=, scale=)` -> (out, lse) sees the whole sequence of its group of devices, with
+    positions and segment ids gathered to match; `m` holds the local ones.
+    """
+    n = lax.psum(1, axis_name)
+    check_heads(fn, q.shape[2], n, axis_name)
+    q_h = to_heads(q, axis_name)
+    k_h, v_h = (to_heads(repeat_kv(x, n), axis_name) for x in (k, v))
+    q_seg = gather_sequence(m.q_seg, axis_name)
+    kv_seg = q_seg if m.kv_seg is m.q_seg else gather_sequence(m.kv_seg, axis_name)
+    out, lse = attend(
+        q_h,
+        k_h,
+        v_h,
+        causal=spec.causal,
+        local_window_size=spec.window,
+        segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+        q_positions=gather_sequence(m.q_pos, axis_name),
+        kv_positions=gather_sequence(m.kv_pos, axis_name),
+        scale=scale,
+    )
+    return to_sequence(out, axis_name), lse_to_sequence(lse, axis_name)
+
+
+def ulysses_attention(
+    q,
+    k,
+    v,
+    *,
+    axis_name,
+    layout="contiguous",
+    causal=False,
+    local_window_size=None,
+    segment_ids=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    scale=None,
+    block_q=512,
+    block_k=512,
+    return_lse=False,
+):
+    """Exact attention over a sequence sharded along `axis_name`, by all-to-all to head shards.
+
+    Call inside `jax.shard_map` with the local shards (in `layout` order), like `ring_attention`;
+    positions not given are those `layout` assigns to this device. The heads of q must be a
+    multiple of the axis size.
+    """
+    fn = "ulysses_attention"
+    inputs.check_qkv(fn, q, k, v)
+    q_positions, kv_positions = local_positions(
+        fn,
+        layout,
+        q,
+        k,
+        q_positions,
+        kv_positions,
+        lax.axis_index(axis_name),
+        lax.psum(1, axis_name),
+    )
+    spec, m, scale = inputs.check_and_normalize(
+        fn,
+        q,
+        k,
+        v,
+        causal=causal,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        scale=scale,
+    )
+    blockwise.check_blocks(fn, block_q, block_k)
+    attend = lambda *a, **kw: blockwise.blockwise_attention(  # noqa: E731
+        *a, **kw, block_q=block_q, block_k=block_k, return_lse=True
+    )
+    out, lse = ulysses(attend, fn, q, k, v, axis_name=axis_name, m=m, spec=spec, scale=scale)
+    return (out, lse) if return_lse else out
