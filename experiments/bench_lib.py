@@ -144,6 +144,18 @@ def load_original():
     return importlib.import_module("ringattention.ringattention_jax")
 
 
+def context_mesh(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh):
+    """(mesh, axis_name, sequence PartitionSpec) an impl runs on: the 1-D context mesh, or for
+    hybrid a (--ulysses_size, rest) mesh whose sequence is sharded ring-major."""
+    if not impl.startswith("hybrid"):
+        return mesh, AXIS, jax.P(None, AXIS)
+    n, u = mesh.shape[AXIS], cfg.ulysses_size
+    if n % u:
+        raise Unsupported(f"--ulysses_size={u} does not divide {n} devices")
+    mesh = jax.make_mesh((u, n // u), ("ulysses", "ring"), devices=mesh.devices.ravel())
+    return mesh, ("ulysses", "ring"), jax.P(None, ("ring", "ulysses"))
+
+
 def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len: int) -> Callable:
     """Returns f(q, k, v) -> out on global [B, T, H, D] / [B, S, K, D] arrays."""
     mask = _mask_kwargs(cfg)
@@ -170,13 +182,7 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
     if _is_cp(impl):
         strategy, _, layout = impl.partition("/")
         bq, bk = min(cfg.block_q, local_len), min(cfg.block_k, local_len)
-        axis_name = AXIS
-        if strategy == "hybrid":
-            u = cfg.ulysses_size
-            if n % u:
-                raise Unsupported(f"--ulysses_size={u} does not divide {n} devices")
-            mesh = jax.make_mesh((u, n // u), ("ulysses", "ring"), devices=mesh.devices.ravel())
-            axis_name = ("ulysses", "ring")
+        mesh, axis_name, _ = context_mesh(impl, cfg, mesh)
         return lambda q, k, v: ringattn.context_parallel_attention(
             q,
             k,
@@ -371,11 +377,13 @@ def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
     for impl, mask in itertools.product(impls, cfg.masks or (cfg.mask,)):
         cfg = dataclasses.replace(cfg, mask=mask)
         single = impl in SINGLE_DEVICE_IMPLS
-        sharding = (
-            jax.sharding.SingleDeviceSharding(devices[0])
-            if single
-            else jax.NamedSharding(mesh, jax.P(None, AXIS))
-        )
+        if single:
+            sharding = jax.sharding.SingleDeviceSharding(devices[0])
+        else:
+            try:
+                sharding = jax.NamedSharding(*context_mesh(impl, cfg, mesh)[::2])
+            except Unsupported:
+                sharding = jax.NamedSharding(mesh, jax.P(None, AXIS))  # reported below
         placed = {name: _place(x, sharding) for name, x in inputs.items()}
         for mode in cfg.modes:
             row = _row(cfg, impl, mode, seq_len, 1 if single else n)

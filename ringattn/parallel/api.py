@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from ringattn.attention import inputs
 from ringattn.attention.blockwise import check_blocks
-from ringattn.parallel import allgather, hybrid, layouts, ring, ulysses
+from ringattn.parallel import allgather, costs, hybrid, layouts, ring, ulysses
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
 _LOCAL = {
@@ -55,10 +55,8 @@ def _check_axis_form(fn, strategy, axis_name):
 
 
 def _choose(q, k, mesh, axis_name, spec, layout):
-    from ringattn.parallel import schedule  # only "auto" needs the cost model
-
     b, t, h, d = q.shape
-    return schedule.choose_strategy(
+    return costs.choose_strategy(
         batch=b,
         q_len=t,
         kv_len=k.shape[1],
@@ -105,7 +103,7 @@ def context_parallel_attention(
     "ulysses" (all-to-all to head shards; heads a multiple of the axis size), "hybrid"
     (`axis_name` = (ulysses_axis, ring_axis); the sequence is sharded over both, ring-major:
     `layout` order over n_u * n_r shards, shard i on ring index i // n_u, Ulysses index
-    i % n_u), or "auto" (`schedule.choose_strategy` picks one from the shapes and the mesh).
+    i % n_u), or "auto" (`costs.choose_strategy` picks one from the shapes and the mesh).
     """
     fn = "context_parallel_attention"
     if strategy not in STRATEGIES:

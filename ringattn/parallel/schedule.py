@@ -269,10 +269,3 @@ def format_schedule(sched: Schedule, cell="both") -> str:
         f"compute efficiency {sched.compute_efficiency:.3f} (tile area)"
     )
     return "\n".join(lines)
-
-
-def choose_strategy(**kwargs) -> str:
-    """`costs.choose_strategy`, same keyword arguments (what strategy="auto" runs)."""
-    from ringattn.parallel import costs  # imported late: costs builds on this module
-
-    return costs.choose_strategy(**kwargs)

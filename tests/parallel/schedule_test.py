@@ -301,7 +301,7 @@ def test_costs_ulysses_needs_divisible_heads():
     assert est["ring"].feasible and est["allgather"].feasible
     args = dict(MODEL, q_len=65536, kv_len=65536, num_heads=4, num_kv_heads=4)
     args |= dict(mesh_axis_sizes={"context": 8}, axis_name="context", causal=True)
-    choice = schedule.choose_strategy(**args, local_window_size=None, layout="zigzag")
+    choice = costs.choose_strategy(**args, local_window_size=None, layout="zigzag")
     assert choice in ("ring", "allgather")
 
 
@@ -345,7 +345,7 @@ def test_costs_hybrid_only_for_a_pair():
     assert "all-to-alls over 2" in est["hybrid"].why and "4 of 4 ring steps" in est["hybrid"].why
     args = dict(MODEL, q_len=65536, kv_len=65536, num_heads=32, num_kv_heads=8, causal=True)
     args |= dict(mesh_axis_sizes={"u": 2, "r": 4}, axis_name=("u", "r"), local_window_size=None)
-    assert schedule.choose_strategy(**args, layout="zigzag") == "hybrid"
+    assert costs.choose_strategy(**args, layout="zigzag") == "hybrid"
     assert not _costs(axis=("u", "r"), sizes={"u": 3, "r": 2}, q_len=6144, kv_len=6144)[
         "hybrid"
     ].feasible  # 32 heads over 3
@@ -355,7 +355,7 @@ def test_choose_strategy_rejects_unfit_lengths():
     args = dict(MODEL, q_len=1000, kv_len=1000, num_heads=32, num_kv_heads=8, causal=True)
     args |= dict(mesh_axis_sizes={"c": 8}, axis_name="c", local_window_size=None)
     with pytest.raises(ValueError, match="no strategy"):
-        schedule.choose_strategy(**args, layout="zigzag")
+        costs.choose_strategy(**args, layout="zigzag")
 
 
 @pytest.mark.parametrize(
