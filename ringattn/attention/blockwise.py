@@ -220,7 +220,7 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
 
         def tile(i, carry, masked):
             _report(cfg, "bwd", qs, ks, i, j, masked)
-            dq_BTKGD, dk_, dv_ = carry
+            dk_, dv_ = carry
             # Rows are (query head in group, query) pairs: [B, K, G * bq, D], so that every dot
             # is a plain batched matmul over KV heads (no size-1 group dim for XLA to lay out).
             q_ = _rows(_tile(q_BTKGD, i, bq, cfg.dtype))
@@ -238,25 +238,29 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
             )
             dk_ = dk_ + jnp.einsum("bkqs,bkqd->bskd", ds, q_, preferred_element_type=acc_dtype)
             dq_ = jnp.einsum("bkqs,bskd->bkqd", ds, k_BSKD_, preferred_element_type=acc_dtype)
-            dq_ = lax.dynamic_slice_in_dim(dq_BTKGD, i * bq, bq, 1) + _unrows(dq_, g)
-            return lax.dynamic_update_slice_in_dim(dq_BTKGD, dq_, i * bq, 1), dk_, dv_
+            return _unrows(dq_, g), (dk_, dv_)
 
         def q_block(i, carry):
-            return _switch(
+            # The switch returns only tile-sized values: carrying the whole dq through it would
+            # make XLA copy dq on every iteration, skipped tiles included.
+            dq_BTKGD, dkv = carry
+            dq_tile = jnp.zeros_like(dq_BTKGD, shape=(dq_BTKGD.shape[0], bq, *dq_BTKGD.shape[2:]))
+            dq_tile, dkv = _switch(
                 _state(cfg, qs, ks, i, j),
-                lambda i, c: c,
+                lambda i, c: (dq_tile, c),
                 functools.partial(tile, masked=False),
                 functools.partial(tile, masked=True),
                 i,
-                carry,
+                dkv,
             )
+            dq_tile = lax.dynamic_slice_in_dim(dq_BTKGD, i * bq, bq, 1) + dq_tile
+            return lax.dynamic_update_slice_in_dim(dq_BTKGD, dq_tile, i * bq, 1), dkv
 
-        init = (
-            dq_BTKGD,
+        dkv = (
             lax.dynamic_slice_in_dim(dk_BSKD, j * bk, bk, 1),
             lax.dynamic_slice_in_dim(dv_BSKD, j * bk, bk, 1),
         )
-        dq_BTKGD, dk_, dv_ = lax.fori_loop(0, nq, q_block, init)
+        dq_BTKGD, (dk_, dv_) = lax.fori_loop(0, nq, q_block, (dq_BTKGD, dkv))
         dk_BSKD = lax.dynamic_update_slice_in_dim(dk_BSKD, dk_, j * bk, 1)
         dv_BSKD = lax.dynamic_update_slice_in_dim(dv_BSKD, dv_, j * bk, 1)
         return dq_BTKGD, dk_BSKD, dv_BSKD
