@@ -415,19 +415,9 @@ def _place(x, sharding):
 
 def _row(cfg: BenchConfig, impl: str, mode: str, seq_len: int, devices: int) -> dict:
     config = dataclasses.asdict(cfg)
-    for key in (
-        "seq_lens",
-        "impls",
-        "modes",
-        "out",
-        "warmup",
-        "iters",
-        "original_max_seq_len",
-        "device_counts",
-        "plot_dir",
-        "markdown",
-        "masks",
-    ):
+    # Fields that describe the sweep rather than this measurement stay out of the row.
+    sweep = "seq_lens impls modes masks device_counts warmup iters original_max_seq_len"
+    for key in (*sweep.split(), "out", "plot_dir", "markdown"):
         config.pop(key)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     q_shard = cfg.batch * (seq_len // devices) * cfg.num_heads * cfg.head_dim * itemsize

@@ -85,7 +85,7 @@ def run_cp(helpers, strategy, shape, layout, static, masks, data, explicit=True,
     )
 
 
-def check(helpers, got, want, what, dtype=np.float32):
+def assert_matches(helpers, got, want, what, dtype=np.float32):
     try:
         helpers.assert_all_close(got, want, dtype)
     except AssertionError as e:
@@ -109,7 +109,7 @@ def test_full_matrix(helpers, strategy, shape, h, kh):
         static, masks, data, want = case(helpers, kind, h, kh)
         for layout in LAYOUTS:
             got = run_cp(helpers, strategy, shape, layout, static, masks, data)
-            check(helpers, got, want, f"{kind}, {layout}")
+            assert_matches(helpers, got, want, f"{kind}, {layout}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ REDUCED = [  # strategy, mesh, heads, KV heads, mask kind, layout, extra argumen
 def test_reduced(helpers, strategy, shape, h, kh, kind, layout, kw):
     static, masks, data, want = case(helpers, kind, h, kh, seed=1)
     got = run_cp(helpers, strategy, shape, layout, static, masks, data, explicit=False, **kw)
-    check(helpers, got, want, kind)
+    assert_matches(helpers, got, want, kind)
 
 
 def test_allgather_bf16(helpers):
@@ -143,7 +143,7 @@ def test_allgather_bf16(helpers):
     static, masks, data, want = case(helpers, "window", 4, 1, seed=2, dtype=jnp.bfloat16)
     got = run_cp(helpers, "allgather", (2,), "striped", static, masks, data, explicit=False)
     assert got[0].dtype == got[3].dtype == jnp.bfloat16 and got[1].dtype == np.float32
-    check(helpers, got, want, "bf16", jnp.bfloat16)
+    assert_matches(helpers, got, want, "bf16", jnp.bfloat16)
 
 
 def test_auto_equals_the_strategy_it_picks(helpers):
