@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ringattn.attention import blockwise, inputs
+from ringattn.attention import blockwise
 from ringattn.attention.blockwise import Config
 from ringattn.parallel import layouts
 
@@ -27,19 +27,6 @@ from ringattn.parallel import layouts
 def gather_sequence(x, axis_name, axis=1):
     """The whole sequence of a sharded array (None passes through)."""
     return None if x is None else lax.all_gather(x, axis_name, axis=axis, tiled=True)
-
-
-def local_positions(fn, layout, q, k, q_positions, kv_positions, index, n):
-    """Positions of the local q and k/v shards: given ones, else those `layout` assigns to
-    shard `index` of n (checking first that the global lengths fit the layout)."""
-    t, s = q.shape[1], k.shape[1]
-    if q_positions is None:
-        layouts.check_layout(fn, layout, t * n, n, "global query length")
-        q_positions = layouts.shard_positions(layout, t, index, n)
-    if kv_positions is None:
-        layouts.check_layout(fn, layout, s * n, n, "global key length")
-        kv_positions = layouts.shard_positions(layout, s, index, n)
-    return q_positions, kv_positions
 
 
 def check_head_chunks(fn, head_chunks, num_kv_heads):
@@ -157,25 +144,24 @@ def allgather_attention(
     KV heads) bounds the gathered K/V per device to 1 / head_chunks of it.
     """
     fn = "allgather_attention"
-    inputs.check_qkv(fn, q, k, v)
-    check_head_chunks(fn, head_chunks, k.shape[2])
     n = lax.psum(1, axis_name)
-    q_positions, kv_positions = local_positions(
-        fn, layout, q, k, q_positions, kv_positions, lax.axis_index(axis_name), n
-    )
-    spec, m, scale = inputs.check_and_normalize(
+    spec, m, scale = layouts.check_local(
         fn,
         q,
         k,
         v,
+        lax.axis_index(axis_name),
+        n,
+        layout=layout,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         scale=scale,
     )
+    check_head_chunks(fn, head_chunks, k.shape[2])
     blockwise.check_blocks(fn, block_q, block_k)
     m = m._replace(
         kv_pos=gather_sequence(m.kv_pos, axis_name), kv_seg=gather_sequence(m.kv_seg, axis_name)

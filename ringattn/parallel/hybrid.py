@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from jax import lax
 
-from ringattn.attention import blockwise, inputs
-from ringattn.parallel import ring, ulysses
-from ringattn.parallel.allgather import local_positions
+from ringattn.attention import blockwise
+from ringattn.parallel import layouts, ring, ulysses
 
 
 def check_axis_pair(fn, axis_name):
@@ -58,26 +57,25 @@ def hybrid_attention(
     """
     fn = "hybrid_attention"
     u_axis, r_axis = check_axis_pair(fn, axis_name)
-    inputs.check_qkv(fn, q, k, v)
     n_u, n_r = lax.psum(1, u_axis), lax.psum(1, r_axis)
-    ulysses.check_heads(fn, q.shape[2], n_u, u_axis)
     index = lax.axis_index(r_axis) * n_u + lax.axis_index(u_axis)
-    q_positions, kv_positions = local_positions(
-        fn, layout, q, k, q_positions, kv_positions, index, n_u * n_r
-    )
-    spec, m, scale = inputs.check_and_normalize(
+    spec, m, scale = layouts.check_local(
         fn,
         q,
         k,
         v,
+        index,
+        n_u * n_r,
+        layout=layout,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         scale=scale,
     )
+    ulysses.check_heads(fn, q.shape[2], n_u, u_axis)
     blockwise.check_blocks(fn, block_q, block_k)
     attend = lambda *a, **kw: ring.ring_attention(  # noqa: E731
         *a, **kw, axis_name=r_axis, block_q=block_q, block_k=block_k, return_lse=True

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from ringattn.attention import inputs
+
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
@@ -62,3 +64,27 @@ def from_layout(x, layout, num_shards, axis=1):
     """Inverse of `to_layout`."""
     inv = np.argsort(layout_positions(layout, x.shape[axis], num_shards))
     return jnp.take(x, inv, axis=axis)
+
+
+def check_local(fn, q, k, v, index, num_shards, *, layout, q_positions, kv_positions, **mask):
+    """Validate a context-parallel strategy's local shards (inside shard_map) and normalise
+    their mask; positions not given are those `layout` assigns to shard `index` of num_shards
+    (after checking that the global lengths fit the layout). Returns (MaskSpec, MaskArrays,
+    scale) as `inputs.check_and_normalize` does; `mask` holds its other keyword arguments."""
+    inputs.check_qkv(fn, q, k, v)
+
+    def positions(given, length, what):
+        if given is not None:
+            return given
+        check_layout(fn, layout, length * num_shards, num_shards, f"global {what} length")
+        return shard_positions(layout, length, index, num_shards)
+
+    return inputs.check_and_normalize(
+        fn,
+        q,
+        k,
+        v,
+        q_positions=positions(q_positions, q.shape[1], "query"),
+        kv_positions=positions(kv_positions, k.shape[1], "key"),
+        **mask,
+    )

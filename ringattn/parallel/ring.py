@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ringattn.attention import blockwise, inputs, masks
+from ringattn.attention import blockwise, masks
 from ringattn.attention.blockwise import Config, Side
 from ringattn.parallel import layouts
 
@@ -184,31 +184,26 @@ def ring_attention(
     `tile_callback` as in `blockwise_attention`: it sees every tile every device computes.
     """
     fn = "ring_attention"
-    inputs.check_qkv(fn, q, k, v)
     n = lax.psum(1, axis_name)
-    idx = lax.axis_index(axis_name)
-    t, s = q.shape[1], k.shape[1]
     # With positions from the layout, the steps the mask needs are known before tracing.
     from_layout = q_positions is None and kv_positions is None
-    if q_positions is None:
-        layouts.check_layout(fn, layout, t * n, n, "global query length")
-        q_positions = layouts.shard_positions(layout, t, idx, n)
-    if kv_positions is None:
-        layouts.check_layout(fn, layout, s * n, n, "global key length")
-        kv_positions = layouts.shard_positions(layout, s, idx, n)
-    spec, m, scale = inputs.check_and_normalize(
+    spec, m, scale = layouts.check_local(
         fn,
         q,
         k,
         v,
+        lax.axis_index(axis_name),
+        n,
+        layout=layout,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         scale=scale,
     )
+    t, s = q.shape[1], k.shape[1]
     blockwise.check_blocks(fn, block_q, block_k)
     dtype = jnp.result_type(q, k, v)
     cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype, tile_callback)

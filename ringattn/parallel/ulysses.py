@@ -16,8 +16,9 @@ import math
 
 from jax import lax
 
-from ringattn.attention import blockwise, inputs
-from ringattn.parallel.allgather import gather_sequence, local_positions
+from ringattn.attention import blockwise
+from ringattn.parallel import layouts
+from ringattn.parallel.allgather import gather_sequence
 
 
 def check_heads(fn, num_heads, axis_size, axis):
@@ -105,28 +106,20 @@ def ulysses_attention(
     multiple of the axis size.
     """
     fn = "ulysses_attention"
-    inputs.check_qkv(fn, q, k, v)
-    q_positions, kv_positions = local_positions(
-        fn,
-        layout,
-        q,
-        k,
-        q_positions,
-        kv_positions,
-        lax.axis_index(axis_name),
-        lax.psum(1, axis_name),
-    )
-    spec, m, scale = inputs.check_and_normalize(
+    spec, m, scale = layouts.check_local(
         fn,
         q,
         k,
         v,
+        lax.axis_index(axis_name),
+        lax.psum(1, axis_name),
+        layout=layout,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         scale=scale,
     )
     blockwise.check_blocks(fn, block_q, block_k)
