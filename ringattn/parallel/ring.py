@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ringattn.attention import blockwise, masks
@@ -34,25 +35,22 @@ class RingPlan(NamedTuple):
     steps: int
 
 
+@functools.lru_cache(maxsize=256)  # static arguments; every layer of a model asks the same
 def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
     """The shortest run of steps that holds every step some device needs, from the positions
     `layout` gives each shard (segment ids are not known statically and are ignored, which is
     safe: a step that runs but is not needed computes nothing). A causal window of T / (2n) in
     the contiguous layout needs steps {0, 1}: 2 steps and 1 send instead of n and n - 1."""
 
-    def ranges(length, r):
-        pos = layouts.shard_positions(layout, length, r, n)
-        return masks.Ranges(pos.min(), pos.max(), None, None)
+    def ranges(length, shard):  # bounds of the positions each shard in `shard` holds
+        pos = np.stack([layouts.shard_positions(layout, length, r, n) for r in range(n)])
+        return masks.Ranges(pos.min(1)[shard], pos.max(1)[shard], None, None)
 
+    s_R, r_R = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # [step, device]
     with jax.ensure_compile_time_eval():  # concrete values, also while tracing a shard_map
-        needed = [
-            any(
-                int(masks.tile_state(spec, ranges(q_len, r), ranges(kv_len, (r - s) % n)))
-                != masks.SKIP
-                for r in range(n)
-            )
-            for s in range(n)
-        ]
+        state = masks.tile_state(spec, ranges(q_len, r_R), ranges(kv_len, (r_R - s_R) % n))
+    state = np.broadcast_to(np.asarray(state), s_R.shape)  # a scalar when nothing is masked
+    needed = [bool(x) for x in (state != masks.SKIP).any(axis=1)]
     if all(needed) or not any(needed):
         return RingPlan(0, n)
     # The complement of the longest cyclic run of unneeded steps.
