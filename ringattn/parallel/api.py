@@ -44,6 +44,30 @@ def _axis_names(fn, mesh, axis_name):
     return names
 
 
+def _size(mesh, axes):
+    return math.prod(mesh.shape[a] for a in axes or ())
+
+
+def _other_axes(fn, mesh, arg, axes, context_axes, dim, what):
+    """`batch_axis` / `head_axis` as a tuple of mesh axes (None if empty), checked: on the mesh,
+    not a context axis, and dividing the dimension they shard."""
+    if axes is None:
+        return None
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    for a in axes:
+        if a not in mesh.axis_names or a in context_axes:
+            raise ValueError(
+                f"{fn}: `{arg}` must name mesh axes other than the context axes {context_axes}, "
+                f"got {a!r} (mesh axes {mesh.axis_names})."
+            )
+    if dim % _size(mesh, axes):
+        raise ValueError(
+            f"{fn}: `{arg}` {axes} has size {_size(mesh, axes)}, which does not divide the "
+            f"{what} ({dim})."
+        )
+    return axes or None
+
+
 def _check_axis_form(fn, strategy, axis_name):
     if strategy == "hybrid":
         hybrid.check_axis_pair(fn, axis_name)
@@ -91,13 +115,17 @@ def context_parallel_attention(
     block_q=512,
     block_k=512,
     head_chunks=1,
+    batch_axis=None,
+    head_axis=None,
     return_lse=False,
 ):
     """Exact attention over global q [B, T, H, D], k/v [B, S, K, D] split along `axis_name`.
 
     The sequence is already in `layout` order (see `to_layout`) and the result comes back in the
     same order; positions not given are the ones `layout` implies. Works under `jax.jit` with any
-    mesh (Explicit or Auto axes); the other mesh axes hold replicas.
+    mesh (Explicit or Auto axes). `batch_axis` / `head_axis` (a mesh axis, a tuple of axes, or
+    None) shard the batch and the heads (q's H and k/v's K, so K must divide by their size); the
+    mesh axes named nowhere hold replicas.
 
     strategy: "ring" (pass-KV), "allgather" (gather K/V, `head_chunks` KV-head chunks at a time),
     "ulysses" (all-to-all to head shards; heads a multiple of the axis size), "hybrid"
@@ -111,6 +139,8 @@ def context_parallel_attention(
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     names = _axis_names(fn, mesh, axis_name)
+    batch_axes = _other_axes(fn, mesh, "batch_axis", batch_axis, names, q.shape[0], "batch")
+    head_axes = _other_axes(fn, mesh, "head_axis", head_axis, names, k.shape[2], "KV heads")
     if strategy != "auto":
         _check_axis_form(fn, strategy, axis_name)
     n = math.prod(mesh.shape[a] for a in names)
@@ -148,15 +178,19 @@ def context_parallel_attention(
     if strategy == "auto":
         strategy = _choose(q, k, mesh, axis_name, spec, layout)
         _check_axis_form(fn, strategy, axis_name)
+    heads_per_device = q.shape[2] // _size(mesh, head_axes)
     if strategy in ("ulysses", "hybrid"):
-        ulysses.check_heads(fn, q.shape[2], mesh.shape[names[0]], names[0])
+        ulysses.check_heads(fn, heads_per_device, mesh.shape[names[0]], names[0])
 
     # hybrid: ring-major, so each Ulysses group holds consecutive shards (hybrid.py).
     seq_axes = names[::-1] if strategy == "hybrid" else axis_name
-    seq = P(None, seq_axes)
-    qkv = P(None, seq_axes, None, None)
+    qkv = P(batch_axes, seq_axes, head_axes, None)
+
+    def seq(x):  # positions may be shared by the batch ([1, T])
+        return P(batch_axes if x.shape[0] > 1 else None, seq_axes)
+
     args = (q, k, v, *((m.q_pos, m.kv_pos) if given else (None, None)), m.q_seg, m.kv_seg)
-    specs = (qkv, qkv, qkv, seq, seq, seq, seq)
+    specs = (qkv, qkv, qkv, *(P() if x is None else seq(x) for x in args[3:]))
     args = tuple(
         None if x is None else _place(x, mesh, sp) for x, sp in zip(args, specs, strict=True)
     )
@@ -186,6 +220,6 @@ def context_parallel_attention(
         local,
         mesh=mesh,
         in_specs=specs,
-        out_specs=(qkv, P(None, None, seq_axes)),
+        out_specs=(qkv, P(batch_axes, head_axes, seq_axes)),
     )(*args)
     return (out, lse) if return_lse else out

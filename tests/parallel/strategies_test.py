@@ -148,6 +148,7 @@ def test_allgather_bf16(helpers):
 
 def test_auto_equals_the_strategy_it_picks(helpers):
     from ringattn.parallel import costs
+
     shape, layout = (4,), "zigzag"
     static, masks, data, _ = case(helpers, "packed", 4, 2)
     q, k = data[:2]
@@ -260,3 +261,34 @@ def test_local_bad_input(helpers, fn, axis_name, pattern):
     )
     with pytest.raises(ValueError, match=pattern):
         jax.eval_shape(f, *_qkv())
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather"])
+def test_batch_and_head_axes(helpers, strategy):
+    """A (data, tensor, context) mesh as a model uses it: batch over `data`, heads over
+    `tensor`, sequence over `context`; forward and gradients equal the float64 reference."""
+    static, masks, data, want = case(helpers, "packed", 4, 2)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "tensor", "context"), devices=jax.devices()[:8])
+    got = helpers.run_attention(
+        ringattn.context_parallel_attention,
+        *data,
+        masks,
+        mesh=mesh,
+        strategy=strategy,
+        batch_axis="data",
+        head_axis="tensor",
+        **static,
+        **BLOCKS,
+    )
+    assert_matches(helpers, got, want, strategy)
+
+
+def test_batch_and_head_axes_bad_input(helpers):
+    q = jnp.zeros((2, 32, 4, 8))
+    mesh = jax.make_mesh((2, 2, 2), ("data", "tensor", "context"), devices=jax.devices()[:8])
+    with pytest.raises(ValueError, match=r"`head_axis` \('tensor', 'data'\) has size 4.*KV heads"):
+        ringattn.context_parallel_attention(
+            q, q[:, :, :2], q[:, :, :2], mesh=mesh, head_axis=("tensor", "data")
+        )
+    with pytest.raises(ValueError, match="`batch_axis` must name mesh axes other than"):
+        ringattn.context_parallel_attention(q, q, q, mesh=mesh, batch_axis="context")
