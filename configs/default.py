@@ -1,0 +1,127 @@
+"""The default experiment: passkey retrieval with ring attention over every device.
+
+  python experiments/train.py --workdir=/tmp/passkey                       # 256 tokens
+  python experiments/train.py --workdir=/tmp/passkey_long --config=configs/default.py:long
+  python experiments/train.py --workdir=/tmp/x --config=configs/default.py:7b_1m --dry_run
+
+Variants (`--config=configs/default.py:<variant>`): "" (default), "long" (a 256 -> 512 -> 1024
+token curriculum), "test" (tiny and fast, for the tests), "text" (byte-level LM on local Python
+sources), "7b_1m" (a Llama-2-7B shape at 1M tokens on a 256-device mesh: for --dry_run).
+Any field can be overridden: --config.num_train_steps=100 --config.model.attention.impl=dense.
+"""
+
+import ml_collections
+
+
+def get_config(variant=""):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Data (ringattn/train/data.py): a task, its parameters, and the training length(s).
+    c.task = "passkey"
+    c.task_params = ml_collections.ConfigDict({"answer_weight": 10.0})  # answer targets x10
+    c.batch_size = 16  # global batch (rows)
+    c.seq_len = 256  # training length when there is no curriculum
+    c.curriculum = ()  # ((start_step, seq_len), ...): lengths by step; () = seq_len throughout
+    # Optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio x learning_rate.
+    c.learning_rate = 1e-3
+    c.warmup_steps = 50
+    c.min_lr_ratio = 0.1
+    c.weight_decay = 0.1
+    c.b1, c.b2 = 0.9, 0.98
+    c.grad_clip = 1.0
+    c.num_train_steps = 400
+    # Logging, evaluation (exact-match accuracy on held-out batches), checkpoints.
+    c.log_every_steps = 10
+    c.eval_every_steps = 100
+    c.eval_batches = 4
+    c.checkpoint_every_steps = 100
+    c.keep_checkpoints = 3
+    # Mesh axis sizes (ringattn/mesh.py); -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, context=-1))
+    # Model (ringattn/nn/config.py documents every field).
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 256  # bytes
+    m.num_layers = 2
+    m.d_model = 128
+    m.num_heads = 4
+    m.num_kv_heads = 4
+    m.head_dim = 32
+    m.mlp_dim = 512
+    m.mlp_chunk_size = 0
+    m.tie_embeddings = True
+    m.remat = "none"
+    m.scan_layers = False
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.rope = ml_collections.ConfigDict(dict(theta=10_000.0, scaling="none", factor=1.0))
+    m.attention = ml_collections.ConfigDict(
+        dict(impl="ring", layout="zigzag", axis="context", block_q=128, block_k=128)
+    )
+
+    if variant == "long":
+        c.curriculum = ((0, 256), (300, 512), (500, 1024))
+        c.num_train_steps = 700
+        c.batch_size = 8
+    elif variant == "test":
+        c.seq_len = 128
+        c.batch_size = 4
+        c.num_train_steps = 6
+        c.log_every_steps = 1
+        c.eval_every_steps = 3
+        c.eval_batches = 1
+        c.checkpoint_every_steps = 2
+        m.num_layers, m.d_model, m.mlp_dim, m.num_heads, m.num_kv_heads, m.head_dim = (
+            1,
+            32,
+            64,
+            4,
+            2,
+            8,
+        )
+        m.attention.block_q = m.attention.block_k = 16
+    elif variant == "text":
+        c.task = "text"
+        c.task_params = ml_collections.ConfigDict()  # the Python standard library's sources
+        c.seq_len = 512
+        c.num_train_steps = 1000
+        m.num_layers, m.d_model, m.mlp_dim, m.num_heads, m.num_kv_heads = 4, 256, 1024, 8, 4
+        m.head_dim = 32
+    elif variant == "7b_1m":
+        # Llama-2-7B shape (32 layers, d 4096, 32 heads, SwiGLU 11008) with GQA (8 KV heads),
+        # 1M tokens per sequence on 256 devices: 8-way tensor, 32-way context; weights and
+        # optimizer state sharded over (fsdp, context) as well, activations over context.
+        c.batch_size = 1
+        c.seq_len = 1 << 20
+        c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=8, context=32))
+        m.vocab_size = 32_000
+        m.num_layers, m.d_model, m.mlp_dim = 32, 4096, 11008
+        m.num_heads, m.num_kv_heads, m.head_dim = 32, 8, 128
+        m.tie_embeddings = False
+        m.dtype = "bfloat16"
+        m.remat = "full"
+        m.scan_layers = True
+        m.mlp_chunk_size = 4096
+        m.rope.theta = 500_000.0
+        m.attention = ml_collections.ConfigDict(
+            dict(impl="ring", layout="zigzag", axis="context", block_q=1024, block_k=1024)
+        )
+        m.rules = (
+            ("layers", None),
+            ("vocab", "tensor"),
+            ("embed", ("fsdp", "context")),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("head_dim", None),
+            ("mlp", "tensor"),
+            ("norm", None),
+            ("act_batch", ("data", "fsdp")),
+            ("act_length", "context"),
+            ("act_embed", None),
+            ("act_heads", "tensor"),
+            ("act_kv_heads", "tensor"),
+            ("act_mlp", "tensor"),
+            ("act_vocab", "tensor"),
+        )
+    elif variant:
+        raise ValueError(f"configs/default.py: unknown variant {variant!r}.")
+    return c

@@ -1,0 +1,56 @@
+"""The model's configuration: frozen dataclasses, built from an ml_collections config by the
+trainer, so nothing in nn/ reads configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ringattn.mesh import DEFAULT_RULES
+from ringattn.nn.rope import RopeConfig
+
+IMPLS = ("dense", "blockwise", "ring", "allgather", "ulysses", "auto")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    impl: str = "ring"  # dense | blockwise | ring | allgather | ulysses | auto
+    layout: str = "contiguous"  # token order of the batch: contiguous | zigzag | striped
+    axis: str = "context"  # the mesh axis the sequence is split over
+    block_q: int = 512
+    block_k: int = 512
+    head_chunks: int = 1  # allgather: gather K/V this many KV-head chunks at a time
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"AttentionConfig: `impl` must be one of {IMPLS}, got {self.impl!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 512
+    mlp_chunk_size: int = 0  # > 0: SwiGLU over the sequence this many tokens at a time
+    tie_embeddings: bool = True
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    scan_layers: bool = False  # one compiled layer body for all layers (fast compiles)
+    dtype: str = "float32"  # activations
+    param_dtype: str = "float32"
+    norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    attention: AttentionConfig = AttentionConfig()
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig: `num_heads` ({self.num_heads}) must be a multiple of "
+                f"`num_kv_heads` ({self.num_kv_heads})."
+            )
+        if self.remat not in REMAT:
+            raise ValueError(f"ModelConfig: `remat` must be one of {REMAT}, got {self.remat!r}.")

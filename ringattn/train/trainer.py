@@ -1,0 +1,284 @@
+"""The training loop: config -> mesh -> data (in the layout) -> model -> step -> checkpoints.
+
+Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else a fresh state.
+A resumed run continues exactly (same batches, same losses) because the data iterator's state is
+saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringattn.mesh import local_rows, make_mesh, mesh_axes_for
+from ringattn.nn.config import AttentionConfig, ModelConfig
+from ringattn.nn.model import Transformer
+from ringattn.nn.rope import RopeConfig
+from ringattn.parallel.layouts import check_layout, layout_positions
+from ringattn.train import data as data_lib
+from ringattn.train.checkpoint import Checkpointer
+from ringattn.train.state import init_state, make_optimizer, state_shardings
+from ringattn.train.step import batch_sharding, jit_eval_step, jit_train_step
+
+EVAL_SEED_OFFSET = 1_000_003  # evaluation batches come from a stream training never sees
+
+
+def model_config(cfg) -> ModelConfig:
+    """The frozen ModelConfig of a config's `model` field (a ConfigDict or dict)."""
+    fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    fields["rope"] = RopeConfig(**fields.get("rope", {}))
+    fields["attention"] = AttentionConfig(**fields.get("attention", {}))
+    if "rules" in fields:
+        fields["rules"] = tuple((name, _axes(axes)) for name, axes in fields["rules"])
+    return ModelConfig(**fields)
+
+
+def _axes(axes):
+    return tuple(axes) if isinstance(axes, (list, tuple)) else axes
+
+
+def curriculum(config):
+    """((start_step, seq_len), ...): `config.curriculum` if set, else the fixed `seq_len`."""
+    if config.get("curriculum"):
+        return tuple((int(s), int(t)) for s, t in config.curriculum)
+    return ((0, int(config.seq_len)),)
+
+
+class Experiment:
+    """Everything a run (or a dry run) builds from its config, before any step."""
+
+    def __init__(self, config):
+        self.config = config
+        self.mesh = make_mesh(dict(config.mesh))
+        self.model_cfg = model_config(config.model)
+        self.model = Transformer(self.model_cfg, self.mesh)
+        self.tx, self.schedule = make_optimizer(
+            learning_rate=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.num_train_steps,
+            min_lr_ratio=config.min_lr_ratio,
+            weight_decay=config.weight_decay,
+            b1=config.b1,
+            b2=config.b2,
+            grad_clip=config.grad_clip,
+        )
+        rules = self.model_cfg.rules
+        self.abstract_state, self.state_shardings = state_shardings(
+            self.model, self.tx, self.mesh, rules
+        )
+        axis = self.model_cfg.attention.axis
+        self.num_shards = self.mesh.shape[axis]
+        self.layout = self.model_cfg.attention.layout
+        for _, seq_len in curriculum(config):
+            check_layout("train", self.layout, seq_len, self.num_shards, "seq_len")
+        self.data_sharding = batch_sharding(self.mesh, mesh_axes_for(rules, "act_batch"), axis)
+        self.train_step = jit_train_step(
+            self.model, self.tx, self.state_shardings, self.data_sharding, self.mesh
+        )
+        self.eval_step = jit_eval_step(
+            self.model, self.state_shardings.params, self.data_sharding, self.mesh
+        )
+
+    def rows(self):
+        """The batch rows this process feeds (its devices' shards only)."""
+        return local_rows(self.data_sharding, (self.config.batch_size, self.num_shards))
+
+    def iterator(self, seed, schedule):
+        params = dict(self.config.task_params)
+        return data_lib.DataIterator(
+            self.config.task, self.config.batch_size, seed, schedule, params, rows=self.rows()
+        )
+
+    def to_device(self, batch):
+        """Numpy rows of this process -> global arrays in the layout's token order."""
+        b, t = self.config.batch_size, batch["inputs"].shape[1]
+        perm = np.asarray(layout_positions(self.layout, t, self.num_shards))
+        where = {r: i for i, r in enumerate(self.rows())}
+
+        def put(x):
+            x = x[:, perm]
+            return jax.make_array_from_callback(
+                (b, t),
+                self.data_sharding,
+                lambda idx: x[[where[r] for r in range(*idx[0].indices(b))]][:, idx[1]],
+            )
+
+        return {k: put(v) for k, v in batch.items()}
+
+    def abstract_batch(self, seq_len):
+        shape = (self.config.batch_size, seq_len)
+        dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
+        return {
+            k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=self.data_sharding)
+            for k in data_lib.BATCH_KEYS
+        }
+
+
+class _Stop:
+    """Set by SIGTERM (a preemption): the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+    """One JSON object per line in `<workdir>/metrics.jsonl` (process 0 only). On resume, lines
+    of steps after the restored checkpoint (written before a crash) are dropped first."""
+
+    def __init__(self, workdir, resumed_step):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        if self.enabled and os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _scalar(x):
+    return float(np.asarray(x.addressable_data(0)))
+
+
+def evaluate(exp: Experiment, params, seq_len):
+    """Exact-match accuracy and loss over `eval_batches` held-out batches at `seq_len`."""
+    config = exp.config
+    it = exp.iterator(config.seed + EVAL_SEED_OFFSET, seq_len)
+    correct = rows = loss = 0.0
+    for _ in range(config.eval_batches):
+        out = exp.eval_step(params, exp.to_device(next(it)))
+        correct += _scalar(out["correct"])
+        rows += _scalar(out["rows"])
+        loss += _scalar(out["loss"]) / config.eval_batches
+    return {"eval/loss": loss, "eval/accuracy": correct / max(rows, 1), "eval/seq_len": seq_len}
+
+
+def train_and_evaluate(config, workdir):
+    """Train (or resume) the experiment `config` in `workdir`; returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    exp = Experiment(config)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    train_it = exp.iterator(config.seed, curriculum(config))
+    restored = ckpt.restore_latest(exp.abstract_state)
+    if restored is None:
+        state = init_state(
+            exp.model, exp.tx, exp.mesh, exp.model_cfg.rules, jax.random.key(config.seed)
+        )
+        step = 0
+    else:
+        step, state, data_state = restored
+        train_it.set_state(data_state)
+        print(f"resumed from checkpoint {step} in {ckpt.directory}", flush=True)
+    writer = MetricsWriter(workdir, step)
+    stop = _Stop()
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+    print(
+        f"model: {num_params / 1e6:.2f}M parameters | mesh {dict(exp.mesh.shape)} | attention "
+        f"{exp.model_cfg.attention.impl}/{exp.layout} | {jax.device_count()} devices, "
+        f"{jax.process_count()} process(es)",
+        flush=True,
+    )
+    last, tick, ticked_step = {}, time.perf_counter(), step
+    try:
+        while step < config.num_train_steps:
+            seq_len = train_it.seq_len_at(step)
+            state, metrics = exp.train_step(state, exp.to_device(next(train_it)))
+            step += 1
+            record = None
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                metrics = {k: _scalar(v) for k, v in metrics.items()}
+                elapsed = time.perf_counter() - tick
+                steps = step - ticked_step
+                tick, ticked_step = time.perf_counter(), step
+                record = {
+                    "step": step,
+                    **metrics,
+                    "seq_len": seq_len,
+                    "step_time_s": elapsed / steps,
+                    "tokens_per_s": steps * config.batch_size * seq_len / elapsed,
+                    "learning_rate": float(exp.schedule(step - 1)),
+                }
+            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+                record = (record or {"step": step}) | evaluate(exp, state.params, seq_len)
+                tick = time.perf_counter()  # evaluation time is not training time
+            if record is not None:
+                writer.write(record)
+                print(_progress_line(record), flush=True)
+                last = record
+            if step % config.checkpoint_every_steps == 0 or stop.requested:
+                ckpt.save(step, state, train_it.get_state())
+            if stop.requested:
+                print(f"SIGTERM: saved checkpoint {step}; stopping.", flush=True)
+                break
+        else:
+            ckpt.save(step, state, train_it.get_state())
+    finally:
+        ckpt.close()
+        stop.restore()
+    return last
+
+
+def _progress_line(r):
+    parts = [f"step {r['step']:6d}"]
+    if "train/loss" in r:
+        parts += [
+            f"loss {r['train/loss']:.4f}",
+            f"acc {r['train/accuracy']:.3f}",
+            f"T {r['seq_len']}",
+            f"{r['tokens_per_s']:,.0f} tok/s",
+            f"{r['step_time_s'] * 1e3:.0f} ms/step",
+        ]
+    if "eval/accuracy" in r:
+        parts += [f"eval loss {r['eval/loss']:.4f}", f"eval acc {r['eval/accuracy']:.3f}"]
+    return " | ".join(parts)
+
+
+def dry_run(config):
+    """Compile one train step for `config`'s shapes and print per-device memory from the
+    compiled program; allocates nothing."""
+    exp = Experiment(config)
+    seq_len = curriculum(config)[-1][1]
+    t0 = time.perf_counter()
+    compiled = exp.train_step.lower(exp.abstract_state, exp.abstract_batch(seq_len)).compile()
+    mem = compiled.memory_analysis()
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+    gib = 2.0**30
+    report = {
+        "parameters": num_params,
+        "mesh": dict(exp.mesh.shape),
+        "devices": exp.mesh.size,
+        "batch_size": config.batch_size,
+        "seq_len": seq_len,
+        "tokens_per_device": config.batch_size * seq_len / exp.mesh.size,
+        "compile_s": time.perf_counter() - t0,
+        "argument_gib": mem.argument_size_in_bytes / gib,
+        "output_gib": mem.output_size_in_bytes / gib,
+        "alias_gib": mem.alias_size_in_bytes / gib,
+        "temp_gib": mem.temp_size_in_bytes / gib,
+        "generated_code_gib": mem.generated_code_size_in_bytes / gib,
+    }
+    report["total_per_device_gib"] = (
+        report["argument_gib"] + report["output_gib"] - report["alias_gib"] + report["temp_gib"]
+    )
+    return report
