@@ -1,0 +1,180 @@
+"""A KV cache sharded along its sequence axis over a mesh axis: decoding never moves it.
+
+Shard r of n holds the global slots [r S/n, (r+1) S/n) (S % n == 0); for the full cache slot =
+position, so a prefill fills the shards in order (contiguous). Each step, inside shard_map:
+  * update: every device sees the (replicated) new K/V and writes only the tokens whose slot it
+    owns (a masked scatter, cache.write);
+  * attend: every device attends the (replicated) queries to its own slots, giving (out_r,
+    lse_r), and the partials merge exactly through lse (attend.merge_partials): only
+    [B, t, H, D] and [B, H, t] values cross devices, never the cache.
+
+`sharded_*` are called inside jax.shard_map with the local shard; `*_on_mesh` wrap them over
+global arrays: the cache sharded P(batch_axis, axis_name), the new tokens and queries
+P(batch_axis) (batch_axis=None: replicated), so a (data, context) mesh shards both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ringattn.decode import attend as attend_lib
+from ringattn.decode import cache as cache_lib
+
+
+def _check_shard(fn, cache, axis_name):
+    """(index, count) of this device's shard, checking that the shards tile the cache."""
+    n = lax.axis_size(axis_name)
+    s_loc = cache.pos.shape[1]
+    if s_loc * n != cache.num_slots:
+        raise ValueError(
+            f"{fn}: `cache` must be this device's shard of the sequence axis: {cache.num_slots} "
+            f"slots over {n} devices of axis `axis_name` {axis_name!r} is "
+            f"{cache.num_slots / n:g} each, got {s_loc}."
+        )
+    return lax.axis_index(axis_name), n
+
+
+def sharded_update(cache, k_new, v_new, pos_new, *, axis_name):
+    """`update` on this device's shard (inside shard_map); k_new/v_new/pos_new replicated."""
+    fn = "sharded_update"
+    cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
+    index, _ = _check_shard(fn, cache, axis_name)
+    return cache_lib.write(cache, k_new, v_new, pos_new, shard=index)
+
+
+def sharded_cache_positions(cache, q_pos=None, *, axis_name):
+    """`cache_positions` of this device's slots (the newest position is a pmax over shards)."""
+    _check_shard("sharded_cache_positions", cache, axis_name)
+    length = lax.pmax(jnp.max(cache.pos, axis=1) + 1, axis_name)
+    return cache_lib.positions_from_length(cache, q_pos, length)
+
+
+def sharded_attend(
+    q, q_pos, cache, *, axis_name, scale=None, causal=True, rope=None, return_lse=False
+):
+    """`attend` inside shard_map: q/q_pos replicated, `cache` this device's shard; the result
+    (replicated) is the same as attending to the whole cache."""
+    fn = "sharded_attend"
+    attend_lib.check_attend(fn, q, q_pos, cache, scale, causal, rope)
+    _check_shard(fn, cache, axis_name)
+    kv_rope, q_rope = (None, None)
+    if rope is not None:
+        kv_rope, q_rope = sharded_cache_positions(cache, q_pos, axis_name=axis_name)
+    out, lse = attend_lib.partial_attention(
+        q,
+        q_pos,
+        cache,
+        scale=scale,
+        causal=causal,
+        rope=rope,
+        kv_rope_pos=kv_rope,
+        q_rope_pos=q_rope,
+    )
+    out, lse = attend_lib.merge_partials(out, lse, axis_name)
+    out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _check_mesh(fn, cache, mesh, axis_name, batch_axis):
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    for name, axis in (("axis_name", axis_name), ("batch_axis", batch_axis)):
+        if (axis is not None or name == "axis_name") and axis not in mesh.axis_names:
+            raise ValueError(f"{fn}: `{name}` {axis!r} is not an axis of {mesh.axis_names}.")
+    if batch_axis == axis_name:
+        raise ValueError(f"{fn}: `batch_axis` must differ from `axis_name`, got {axis_name!r}.")
+    n = mesh.shape[axis_name]
+    if cache.num_slots % n:
+        raise ValueError(
+            f"{fn}: the cache's {cache.num_slots} slots must split evenly over the {n} devices "
+            f"of mesh axis `axis_name` {axis_name!r}."
+        )
+    b = cache.pos.shape[0]
+    if batch_axis is not None and b % mesh.shape[batch_axis]:
+        raise ValueError(
+            f"{fn}: the batch ({b}) must split evenly over the {mesh.shape[batch_axis]} devices "
+            f"of mesh axis `batch_axis` {batch_axis!r}."
+        )
+
+
+def _place(x, mesh, spec):
+    """`x` sharded as `spec`: reshard on Explicit mesh axes, a constraint on Auto ones."""
+    sharding = NamedSharding(mesh, spec)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def cache_sharding(cache, mesh, axis_name="context", batch_axis=None):
+    """NamedShardings of the cache's arrays (a pytree like it; `cache` may hold
+    jax.ShapeDtypeStruct), for jit's in/out_shardings, e.g. to create the cache sharded:
+    jax.jit(init, out_shardings=cache_sharding(jax.eval_shape(init), mesh))()."""
+    _check_mesh("cache_sharding", cache, mesh, axis_name, batch_axis)
+    return jax.tree.map(lambda _: NamedSharding(mesh, P(batch_axis, axis_name)), cache)
+
+
+def shard_cache(cache, mesh, axis_name="context", batch_axis=None):
+    """The cache with its sequence axis sharded over `axis_name` (P(batch_axis, axis_name))."""
+    _check_mesh("shard_cache", cache, mesh, axis_name, batch_axis)
+    return jax.tree.map(lambda x: _place(x, mesh, P(batch_axis, axis_name)), cache)
+
+
+def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", batch_axis=None):
+    """`update` of a global cache sharded over `axis_name`; returns it sharded the same way.
+    k_new/v_new/pos_new are replicated over `axis_name` first (for a long prompt that is one
+    gather of it)."""
+    fn = "update_on_mesh"
+    _check_mesh(fn, cache, mesh, axis_name, batch_axis)
+    cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
+    seq, rows = P(batch_axis, axis_name), P(batch_axis)
+    new = [_place(jnp.asarray(x), mesh, rows) for x in (k_new, v_new, pos_new)]
+
+    def local(cache, k_new, v_new, pos_new):
+        return sharded_update(cache, k_new, v_new, pos_new, axis_name=axis_name)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(seq, rows, rows, rows), out_specs=seq)(
+        shard_cache(cache, mesh, axis_name, batch_axis), *new
+    )
+
+
+def attend_on_mesh(
+    q,
+    q_pos,
+    cache,
+    *,
+    mesh,
+    axis_name="context",
+    batch_axis=None,
+    scale=None,
+    causal=True,
+    rope=None,
+    return_lse=False,
+):
+    """`attend` to a global cache sharded over `axis_name`; q, q_pos and the result are
+    replicated over it (sharded P(batch_axis) on the batch)."""
+    fn = "attend_on_mesh"
+    _check_mesh(fn, cache, mesh, axis_name, batch_axis)
+    attend_lib.check_attend(fn, q, q_pos, cache, scale, causal, rope)
+
+    def local(q, q_pos, cache):
+        return sharded_attend(
+            q,
+            q_pos,
+            cache,
+            axis_name=axis_name,
+            scale=scale,
+            causal=causal,
+            rope=rope,
+            return_lse=True,
+        )
+
+    rows = P(batch_axis)
+    new = [_place(jnp.asarray(x), mesh, rows) for x in (q, q_pos)]
+    out, lse = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, rows, P(batch_axis, axis_name)), out_specs=(rows, rows)
+    )(*new, shard_cache(cache, mesh, axis_name, batch_axis))
+    return (out, lse) if return_lse else out
