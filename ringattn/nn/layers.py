@@ -91,10 +91,13 @@ class Attention(nn.Module):
     def __call__(self, x_BTE, positions_BT, segment_ids_BT):
         cfg, e = self.cfg, x_BTE.shape[-1]
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = param(self, "query", (e, h, d), ("embed", "heads", "head_dim"), cfg)
-        wk = param(self, "key", (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
-        wv = param(self, "value", (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
-        wo = param(self, "out", (h, d, e), ("heads", "head_dim", "embed"), cfg)
+        # Fan-in is the embedding for q/k/v and (heads, head_dim) for the output projection.
+        init_in = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        init_out = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        wq = param(self, "query", (e, h, d), ("embed", "heads", "head_dim"), cfg, init_in)
+        wk = param(self, "key", (e, k, d), ("embed", "kv_heads", "head_dim"), cfg, init_in)
+        wv = param(self, "value", (e, k, d), ("embed", "kv_heads", "head_dim"), cfg, init_in)
+        wo = param(self, "out", (h, d, e), ("heads", "head_dim", "embed"), cfg, init_out)
         dt = jnp.dtype(cfg.dtype)
         q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, wq.astype(dt))
         k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, wk.astype(dt))

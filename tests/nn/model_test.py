@@ -1,0 +1,141 @@
+"""The LM with context-parallel attention equals the LM with dense attention, logits and
+parameter gradients, on the same parameters; causality through gradients; config checks."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import ringattn
+from ringattn.mesh import make_mesh
+from ringattn.nn.config import AttentionConfig, ModelConfig
+from ringattn.nn.model import Transformer
+
+B, T = 2, 32
+CFG = ModelConfig(
+    vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+    mlp_dim=64, mlp_chunk_size=8, attention=AttentionConfig(impl="dense"),
+)  # fmt: skip
+
+
+def inputs(seed=0):
+    """Two packed documents per row, positions restarting in each."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)
+    cut = np.array([11, 20])
+    idx = np.arange(T)[None]
+    seg = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
+    pos = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
+    w = rng.normal(size=(B, T, CFG.vocab_size)).astype(np.float32)  # a loss over all logits
+    return tokens, pos, seg, w
+
+
+@functools.cache
+def params():
+    tokens, pos, seg, _ = inputs()
+    return nn.unbox(Transformer(CFG).init(jax.random.key(1), tokens, pos, seg))["params"]
+
+
+@functools.cache
+def logits_and_grads(impl, layout, scan=False, remat="none"):
+    """Logits and parameter gradients in natural token order."""
+    mesh = make_mesh(dict(data=2, context=4))
+    cfg = dataclasses.replace(
+        CFG,
+        attention=AttentionConfig(impl=impl, layout=layout, block_q=4, block_k=4),
+        scan_layers=scan,
+        remat=remat,
+    )
+    model = Transformer(cfg, None if impl == "dense" else mesh)
+    p = params()
+    if scan:  # the same parameters stacked along a leading layer axis
+        layers = [p[f"layer_{i}"] for i in range(cfg.num_layers)]
+        p = {k: v for k, v in p.items() if not k.startswith("layer_")}
+        p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    to = lambda x: np.asarray(ringattn.to_layout(x, layout, 4))  # noqa: E731
+    tokens, pos, seg, w = (to(x) for x in inputs())
+
+    @jax.jit
+    def run(p):
+        def loss(p):
+            logits = model.apply({"params": p}, tokens, pos, seg)
+            return jnp.sum(logits * w), logits
+
+        return jax.grad(loss, has_aux=True)(p)
+
+    grads, logits = run(p)
+    if scan:
+        grads = dict(grads)
+        stacked = grads.pop("layers")
+        for i in range(cfg.num_layers):
+            grads[f"layer_{i}"] = jax.tree.map(lambda x: x[i], stacked)  # noqa: B023
+    return np.asarray(ringattn.from_layout(logits, layout, 4)), grads
+
+
+def assert_same(got, want, rtol=2e-4, atol=2e-5):
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol, atol=atol)
+    for path, g in jax.tree_util.tree_leaves_with_path(got[1]):
+        w = functools.reduce(lambda t, k: t[k.key], path, want[1])
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("layout", ringattn.LAYOUTS)
+def test_ring_model_equals_dense(layout):
+    assert_same(logits_and_grads("ring", layout), logits_and_grads("dense", "contiguous"))
+
+
+@pytest.mark.parametrize("impl", ["allgather", "ulysses", "blockwise"])
+def test_other_strategies_equal_dense(impl):
+    layout = "contiguous" if impl == "blockwise" else "zigzag"
+    assert_same(logits_and_grads(impl, layout), logits_and_grads("dense", "contiguous"))
+
+
+def test_scan_and_remat_equal_the_loop():
+    assert_same(
+        logits_and_grads("ring", "zigzag", scan=True, remat="full"),
+        logits_and_grads("dense", "contiguous"),
+    )
+
+
+def test_gradients_are_causal_within_documents():
+    """d logits[t] / d x[s] is nonzero exactly for s <= t in t's document (ring, zigzag)."""
+    mesh = make_mesh(dict(data=2, context=4))
+    cfg = dataclasses.replace(CFG, attention=AttentionConfig(impl="ring", block_q=4, block_k=4))
+    model = Transformer(cfg, mesh)
+    tokens, pos, seg, _ = inputs()
+    p = {"params": params()}
+    x = model.apply(p, tokens, method=Transformer.embed)
+
+    @jax.jit
+    def sensitivity(x, t):
+        f = lambda x: jnp.sum(  # noqa: E731
+            model.apply(p, x, pos, seg, method=Transformer.from_embeddings)[:, t] ** 2
+        )
+        return jnp.abs(jax.grad(f)(x)).sum(-1)  # [B, T]
+
+    for t in (0, 10, 11, 25, T - 1):
+        s = np.asarray(sensitivity(x, t))
+        visible = (seg == seg[:, t : t + 1]) & (np.arange(T)[None] <= t)
+        assert np.all(s[~visible] == 0), t
+        assert np.all(s[visible] > 0), t
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="`num_heads` \\(6\\) must be a multiple"):
+        ModelConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="`impl` must be one of"):
+        AttentionConfig(impl="flash")
+    with pytest.raises(ValueError, match="`remat` must be one of"):
+        ModelConfig(remat="some")
+    with pytest.raises(ValueError, match="needs a mesh"):
+        Transformer(dataclasses.replace(CFG, attention=AttentionConfig(impl="ring"))).init(
+            jax.random.key(0), *inputs()[:3]
+        )
+    with pytest.raises(ValueError, match="`mlp_chunk_size` \\(7\\) must divide"):
+        Transformer(dataclasses.replace(CFG, mlp_chunk_size=7)).init(
+            jax.random.key(0), *inputs()[:3]
+        )
