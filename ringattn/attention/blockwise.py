@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -39,6 +40,8 @@ class Config:
     # Called on the host as f(pass, q_pos, kv_pos, masked) for every tile a pass computes, with
     # the first position of its query and key blocks: for tests and drawing schedules.
     tile_callback: Callable | None = None
+    # A fused kernel (kernels/), whose passes replace this module's; None: this module's.
+    kernel: object = None
 
     @property
     def kv_padded(self) -> bool:
@@ -335,21 +338,39 @@ def finish_bwd(cfg, q, k, v, dq_BTKGD, dk_BSKD, dv_BSKD):
     return dq, dk, dv_BSKD[:, :s].astype(v.dtype)
 
 
+def attend(cfg, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side):
+    """One fresh forward pass: (o, lse) of the queries over the keys k/v."""
+    return fwd_pass(cfg, q_BTKGD, k_BSKD, v_BSKD, qs, ks, *init_fwd_state(cfg, q_BTKGD))
+
+
+def attend_bwd(cfg, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKGT, qs, ks):
+    """One fresh backward pass: (dq, dk, dv), f32 and unscaled."""
+    grads = tuple(jnp.zeros_like(x, dtype=acc_dtype(cfg)) for x in (q_BTKGD, k_BSKD, v_BSKD))
+    return bwd_pass(cfg, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKGT, qs, ks, grads)
+
+
+def kernel_ops(cfg):
+    """The passes (prepare, fwd_pass, bwd_pass, ...) of cfg's kernel: this module's functions,
+    or those of the fused kernel in cfg.kernel (kernels/fused.py), which have the same names."""
+    return sys.modules[__name__] if cfg.kernel is None else cfg.kernel
+
+
 def _fwd(cfg, q, k, v, m):
-    qs, q_, (k_, v_, kpos, kseg) = prepare(cfg, q, k, v, m)
-    state = init_fwd_state(cfg, q_)
-    out, lse = finish_fwd(cfg, q, *fwd_pass(cfg, q_, k_, v_, qs, kv_side(cfg, kpos, kseg), *state))
+    ops = kernel_ops(cfg)
+    qs, q_, (k_, v_, kpos, kseg) = ops.prepare(cfg, q, k, v, m)
+    state = ops.attend(cfg, q_, k_, v_, qs, ops.kv_side(cfg, kpos, kseg))
+    out, lse = ops.finish_fwd(cfg, q, *state)
     return (out, lse), (q, k, v, m, out, lse)
 
 
 def _bwd(cfg, res, cts):
     q, k, v, m, out, lse = res
-    qs, q_, (k_, v_, kpos, kseg) = prepare(cfg, q, k, v, m)
-    do_, lse_, delta = prepare_bwd(cfg, k, out, lse, *cts)
-    acc = acc_dtype(cfg)
-    grads = tuple(jnp.zeros_like(x, dtype=acc) for x in (q_, k_, v_))
-    grads = bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, kv_side(cfg, kpos, kseg), grads)
-    return (*finish_bwd(cfg, q, k, v, *grads), None)
+    ops = kernel_ops(cfg)
+    qs, q_, (k_, v_, kpos, kseg) = ops.prepare(cfg, q, k, v, m)
+    do_, lse_, delta = ops.prepare_bwd(cfg, k, out, lse, *cts)
+    ks = ops.kv_side(cfg, kpos, kseg)
+    grads = ops.attend_bwd(cfg, q_, k_, v_, do_, lse_, delta, qs, ks)
+    return (*ops.finish_bwd(cfg, q, k, v, *grads), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -386,12 +407,16 @@ def blockwise_attention(
     block_k=512,
     return_lse=False,
     tile_callback=None,
+    kernel="auto",
 ):
     """Exact attention in O(T) memory, same arguments and results as `reference_attention`.
 
     Lengths need not be multiples of the block sizes. lse is natural-log, f32, [B, H, T].
     `tile_callback(pass, q_pos, kv_pos, masked)`, if given, runs on the host for every tile
     computed ("fwd" or "bwd"; first positions of the query and key blocks; masked: PARTIAL).
+    `kernel`: "auto", "xla", "pallas_gpu", "cudnn", "pallas_tpu" or a kernel object
+    (kernels/dispatch.py); block_q / block_k are the XLA kernel's tiles (fused kernels have
+    their own).
     """
     fn = "blockwise_attention"
     spec, m, scale = inputs.check_and_normalize(
@@ -410,6 +435,10 @@ def blockwise_attention(
     check_blocks(fn, block_q, block_k)
     t, s = q.shape[1], k.shape[1]
     dtype = jnp.result_type(q, k, v)
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype, tile_callback)
+    from ringattn.attention.kernels import dispatch  # kernels build on this module
+
+    kern = dispatch.resolve(fn, kernel, dtype, q.shape[-1], t, s, tile_callback)
+    bq, bk = dispatch.blocks(kern, block_q, block_k, t, s)
+    cfg = Config(spec, scale, bq, bk, s, dtype, tile_callback, kern)
     out, lse = _attention(cfg, q.astype(dtype), k.astype(dtype), v.astype(dtype), m)
     return (out, lse) if return_lse else out

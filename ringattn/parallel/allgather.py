@@ -21,6 +21,7 @@ from jax import lax
 
 from ringattn.attention import blockwise
 from ringattn.attention.blockwise import Config
+from ringattn.attention.kernels import dispatch
 from ringattn.parallel import layouts
 
 
@@ -50,6 +51,8 @@ def _chunks(cfg, axis_name, chunks, k_, v_, body, carry):
 
     def step(i, carry):
         sl = lambda x, ax: lax.dynamic_slice_in_dim(x, i * kc, kc, ax)  # noqa: E731
+        if chunks == 1:  # the identity (fused kernels' operands have other head layouts)
+            sl = lambda x, ax: x  # noqa: E731
         k_i, v_i = (
             blockwise.pad_to_block(gather_sequence(sl(x, 2), axis_name), cfg.block_k)
             for x in (k_, v_)
@@ -61,9 +64,12 @@ def _chunks(cfg, axis_name, chunks, k_, v_, body, carry):
 
 def _operands(cfg, q, k, v, m):
     """Mask sides (m: local q side, gathered kv side), q grouped and padded, local k/v; narrow
-    floats as bits (`blockwise.to_storage`), which also travel as bits."""
+    floats as bits (`blockwise.to_storage`), which also travel as bits. A fused kernel's q is
+    only padded and its k/v are as given."""
     qs = blockwise.make_side(m.q_pos, m.q_seg, cfg.block_q)
     ks = blockwise.make_side(m.kv_pos, m.kv_seg, cfg.block_k)
+    if cfg.kernel is not None:
+        return qs, ks, blockwise.pad_to_block(q, cfg.block_q), k, v
     q_ = blockwise.pad_to_block(blockwise.group_heads(q, k.shape[2]), cfg.block_q)
     return qs, ks, *(blockwise.to_storage(x) for x in (q_, k, v))
 
@@ -73,29 +79,31 @@ def _put(x, part, start, axis):
 
 
 def _fwd(cfg, axis_name, chunks, q, k, v, m):
+    ops = blockwise.kernel_ops(cfg)
     qs, ks, q_, k_, v_ = _operands(cfg, q, k, v, m)
 
     def body(start, sl, k_i, v_i, state):
         o, lse = state
-        o_i, lse_i = blockwise.fwd_pass(cfg, sl(q_, 2), k_i, v_i, qs, ks, sl(o, 2), sl(lse, 1))
+        o_i, lse_i = ops.fwd_pass(cfg, sl(q_, 2), k_i, v_i, qs, ks, sl(o, 2), sl(lse, 1))
         return _put(o, o_i, start, 2), _put(lse, lse_i, start, 1)
 
-    state = _chunks(cfg, axis_name, chunks, k_, v_, body, blockwise.init_fwd_state(cfg, q_))
-    out, lse = blockwise.finish_fwd(cfg, q, *state)
+    state = _chunks(cfg, axis_name, chunks, k_, v_, body, ops.init_fwd_state(cfg, q_))
+    out, lse = ops.finish_fwd(cfg, q, *state)
     return (out, lse), (q, k, v, m, out, lse)
 
 
 def _bwd(cfg, axis_name, chunks, res, cts):
     q, k, v, m, out, lse = res
+    ops = blockwise.kernel_ops(cfg)
     qs, ks, q_, k_, v_ = _operands(cfg, q, k, v, m)
-    do_, lse_, delta = blockwise.prepare_bwd(cfg, k, out, lse, *cts)
+    do_, lse_, delta = ops.prepare_bwd(cfg, k, out, lse, *cts)
     acc = blockwise.acc_dtype(cfg)
 
     def body(start, sl, k_i, v_i, grads):
         dq, dk, dv = grads
         zero = jnp.zeros_like(k_i, dtype=acc)
         g = (sl(dq, 2), zero, zero)
-        dq_i, dk_i, dv_i = blockwise.bwd_pass(
+        dq_i, dk_i, dv_i = ops.bwd_pass(
             cfg, sl(q_, 2), k_i, v_i, sl(do_, 2), sl(lse_, 1), sl(delta, 1), qs, ks, g
         )
         # Every device's contribution to each k/v shard, summed on the shard's owner.
@@ -107,7 +115,7 @@ def _bwd(cfg, axis_name, chunks, res, cts):
 
     zeros = lambda x: jnp.zeros_like(x, dtype=acc)  # noqa: E731
     grads = _chunks(cfg, axis_name, chunks, k_, v_, body, (zeros(q_), zeros(k_), zeros(v_)))
-    return (*blockwise.finish_bwd(cfg, q, k, v, *grads), None)
+    return (*ops.finish_bwd(cfg, q, k, v, *grads), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -136,12 +144,14 @@ def allgather_attention(
     block_k=512,
     head_chunks=1,
     return_lse=False,
+    kernel="auto",
 ):
     """Exact attention over a sequence sharded along `axis_name`, by gathering K/V.
 
     Call inside `jax.shard_map` with the local shards (in `layout` order), like `ring_attention`;
     positions not given are those `layout` assigns to this device. `head_chunks` (dividing the
-    KV heads) bounds the gathered K/V per device to 1 / head_chunks of it.
+    KV heads) bounds the gathered K/V per device to 1 / head_chunks of it. `kernel` as in
+    `blockwise_attention`; fused kernels need head_chunks = 1 ("auto" then runs XLA).
     """
     fn = "allgather_attention"
     n = lax.psum(1, axis_name)
@@ -168,7 +178,16 @@ def allgather_attention(
     )
     dtype = jnp.result_type(q, k, v)
     t, s = q.shape[1], k.shape[1] * n
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype)
+    # "auto" gathers in chunks with the XLA kernel: fused kernels take whole K/V.
+    auto_xla = kernel == "auto" and head_chunks > 1
+    kern = dispatch.resolve(fn, "xla" if auto_xla else kernel, dtype, q.shape[-1], t, s)
+    if kern is not None and head_chunks > 1:
+        raise ValueError(
+            f"{fn}: kernel={kernel!r} runs with head_chunks=1 only, got {head_chunks}; use "
+            f"kernel='xla' to gather K/V in chunks."
+        )
+    bq, bk = dispatch.blocks(kern, block_q, block_k, t, s)
+    cfg = Config(spec, scale, bq, bk, s, dtype, None, kern)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     out, lse = _allgather(cfg, axis_name, head_chunks, q, k, v, m)
     return (out, lse) if return_lse else out

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from ringattn.attention import inputs
 from ringattn.attention.blockwise import check_blocks
+from ringattn.attention.kernels import dispatch
 from ringattn.parallel import allgather, costs, hybrid, layouts, ring, ulysses
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
@@ -118,6 +119,7 @@ def context_parallel_attention(
     batch_axis=None,
     head_axis=None,
     return_lse=False,
+    kernel="auto",
 ):
     """Exact attention over global q [B, T, H, D], k/v [B, S, K, D] split along `axis_name`.
 
@@ -132,6 +134,9 @@ def context_parallel_attention(
     (`axis_name` = (ulysses_axis, ring_axis); the sequence is sharded over both, ring-major:
     `layout` order over n_u * n_r shards, shard i on ring index i // n_u, Ulysses index
     i % n_u), or "auto" (`costs.choose_strategy` picks one from the shapes and the mesh).
+
+    kernel: the single-device kernel each device runs ("auto", "xla", "pallas_gpu", "cudnn",
+    "pallas_tpu" or a kernel object, see `blockwise_attention`), chosen for the mesh's platform.
     """
     fn = "context_parallel_attention"
     if strategy not in STRATEGIES:
@@ -213,6 +218,7 @@ def context_parallel_attention(
             block_q=block_q,
             block_k=block_k,
             return_lse=True,
+            kernel=kernel,
             **extra,
         )
 
@@ -221,5 +227,6 @@ def context_parallel_attention(
         mesh=mesh,
         in_specs=specs,
         out_specs=(qkv, P(batch_axes, head_axes, seq_axes)),
+        check_vma=not dispatch.interpreted(kernel, mesh.devices.flat[0].platform),
     )(*args)
     return (out, lse) if return_lse else out

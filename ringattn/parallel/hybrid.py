@@ -47,13 +47,14 @@ def hybrid_attention(
     block_q=512,
     block_k=512,
     return_lse=False,
+    kernel="auto",
 ):
     """Exact attention over a sequence sharded over `axis_name` = (ulysses_axis, ring_axis).
 
     Call inside `jax.shard_map` with the local shards, the sequence sharded ring-major
     (`P(None, (ring_axis, ulysses_axis))`, see the module docstring) in `layout` order over all
     n_u * n_r shards. Positions not given are those `layout` assigns to this shard. The heads of
-    q must be a multiple of the Ulysses axis size.
+    q must be a multiple of the Ulysses axis size. `kernel`: the ring steps' kernel.
     """
     fn = "hybrid_attention"
     u_axis, r_axis = check_axis_pair(fn, axis_name)
@@ -78,7 +79,13 @@ def hybrid_attention(
     ulysses.check_heads(fn, q.shape[2], n_u, u_axis)
     blockwise.check_blocks(fn, block_q, block_k)
     attend = lambda *a, **kw: ring.ring_attention(  # noqa: E731
-        *a, **kw, axis_name=r_axis, block_q=block_q, block_k=block_k, return_lse=True
+        *a,
+        **kw,
+        axis_name=r_axis,
+        block_q=block_q,
+        block_k=block_k,
+        return_lse=True,
+        kernel=kernel,
     )
     out, lse = ulysses.ulysses(attend, fn, q, k, v, axis_name=u_axis, m=m, spec=spec, scale=scale)
     return (out, lse) if return_lse else out

@@ -22,6 +22,7 @@ from jax import lax
 
 from ringattn.attention import blockwise, masks
 from ringattn.attention.blockwise import Config, Side
+from ringattn.attention.kernels import dispatch
 from ringattn.parallel import layouts
 
 
@@ -104,36 +105,38 @@ def _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=False):
 
 
 def _fwd(cfg, axis_name, plan, q, k, v, m):
-    qs, q_, kv = blockwise.prepare(cfg, q, k, v, m)
+    ops = blockwise.kernel_ops(cfg)  # the XLA kernel's passes or a fused kernel's
+    qs, q_, kv = ops.prepare(cfg, q, k, v, m)
 
     def compute(kv, state):
         k_, v_, kpos, kseg = kv
-        ks = blockwise.kv_side(cfg, kpos, kseg)
+        ks = ops.kv_side(cfg, kpos, kseg)
         return lax.cond(
             _visible(cfg, qs, ks),
-            lambda c: blockwise.fwd_pass(cfg, q_, k_, v_, qs, ks, *c),
+            lambda c: ops.fwd_pass(cfg, q_, k_, v_, qs, ks, *c),
             lambda c: c,
             state,
         )
 
     n = lax.psum(1, axis_name)
-    state = _ring_loop(n, axis_name, plan, compute, kv, blockwise.init_fwd_state(cfg, q_))
-    out, lse = blockwise.finish_fwd(cfg, q, *state)
+    state = _ring_loop(n, axis_name, plan, compute, kv, ops.init_fwd_state(cfg, q_))
+    out, lse = ops.finish_fwd(cfg, q, *state)
     return (out, lse), (q, k, v, m, out, lse)
 
 
 def _bwd(cfg, axis_name, plan, res, cts):
     q, k, v, m, out, lse = res
-    qs, q_, kv = blockwise.prepare(cfg, q, k, v, m)
-    do_, lse_, delta = blockwise.prepare_bwd(cfg, k, out, lse, *cts)
+    ops = blockwise.kernel_ops(cfg)
+    qs, q_, kv = ops.prepare(cfg, q, k, v, m)
+    do_, lse_, delta = ops.prepare_bwd(cfg, k, out, lse, *cts)
 
     def compute(kv, carry):
         k_, v_, kpos, kseg = kv
         dq, (dk, dv) = carry
-        ks = blockwise.kv_side(cfg, kpos, kseg)
+        ks = ops.kv_side(cfg, kpos, kseg)
         dq, dk, dv = lax.cond(
             _visible(cfg, qs, ks),
-            lambda g: blockwise.bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, ks, g),
+            lambda g: ops.bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, ks, g),
             lambda g: g,
             (dq, dk, dv),
         )
@@ -144,7 +147,7 @@ def _bwd(cfg, axis_name, plan, res, cts):
     carry = (zeros(q_), (zeros(kv[0]), zeros(kv[1])))
     n = lax.psum(1, axis_name)
     dq, (dk, dv) = _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=True)
-    return (*blockwise.finish_bwd(cfg, q, k, v, dq, dk, dv), None)
+    return (*ops.finish_bwd(cfg, q, k, v, dq, dk, dv), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -173,6 +176,7 @@ def ring_attention(
     block_k=512,
     return_lse=False,
     tile_callback=None,
+    kernel="auto",
 ):
     """Exact attention over a sequence sharded along the mesh axis `axis_name`.
 
@@ -180,6 +184,7 @@ def ring_attention(
     `layout` order. Positions not given are those `layout` assigns to this device. Returns the
     local output (and lse [B, H, T_local], f32), exactly as dense attention over the whole sequence.
     `tile_callback` as in `blockwise_attention`: it sees every tile every device computes.
+    `kernel` as in `blockwise_attention`: the single-device kernel every step runs.
     """
     fn = "ring_attention"
     n = lax.psum(1, axis_name)
@@ -204,7 +209,9 @@ def ring_attention(
     t, s = q.shape[1], k.shape[1]
     blockwise.check_blocks(fn, block_q, block_k)
     dtype = jnp.result_type(q, k, v)
-    cfg = Config(spec, scale, min(block_q, t), min(block_k, s), s, dtype, tile_callback)
+    kern = dispatch.resolve(fn, kernel, dtype, q.shape[-1], t, s, tile_callback)
+    bq, bk = dispatch.blocks(kern, block_q, block_k, t, s)
+    cfg = Config(spec, scale, bq, bk, s, dtype, tile_callback, kern)
     plan = plan_ring(spec, layout, n, t, s) if from_layout else RingPlan(0, n)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     out, lse = _ring(cfg, axis_name, plan, q, k, v, m)

@@ -98,12 +98,13 @@ def ulysses_attention(
     block_q=512,
     block_k=512,
     return_lse=False,
+    kernel="auto",
 ):
     """Exact attention over a sequence sharded along `axis_name`, by all-to-all to head shards.
 
     Call inside `jax.shard_map` with the local shards (in `layout` order), like `ring_attention`;
     positions not given are those `layout` assigns to this device. The heads of q must be a
-    multiple of the axis size.
+    multiple of the axis size. `kernel` as in `blockwise_attention`.
     """
     fn = "ulysses_attention"
     spec, m, scale = layouts.check_local(
@@ -124,7 +125,7 @@ def ulysses_attention(
     )
     blockwise.check_blocks(fn, block_q, block_k)
     attend = lambda *a, **kw: blockwise.blockwise_attention(  # noqa: E731
-        *a, **kw, block_q=block_q, block_k=block_k, return_lse=True
+        *a, **kw, block_q=block_q, block_k=block_k, return_lse=True, kernel=kernel
     )
     out, lse = ulysses(attend, fn, q, k, v, axis_name=axis_name, m=m, spec=spec, scale=scale)
     return (out, lse) if return_lse else out

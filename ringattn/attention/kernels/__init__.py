@@ -1,0 +1,1 @@
+"""Fused single-device attention kernels behind the (out, lse) interface of blockwise.py."""

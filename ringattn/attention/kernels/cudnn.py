@@ -1,0 +1,178 @@
+"""cuDNN flash attention for the steps that need no positional offset, Pallas for the others.
+
+A ring step (or a single-device call) whose mask is FULL (every query sees every key) or the
+plain causal diagonal (same increasing positions on both sides) runs cuDNN's fused kernel; any
+other step runs the fallback kernel (our Pallas GPU kernel). The forward takes (out, lse) from
+cuDNN's training forward, the backward binds cuDNN's backward with *our* residuals (the ring's
+final out and lse), so every step's gradient is exact.
+
+cuDNN's backward recomputes delta = rowsum(do * o) itself and cannot take an lse cotangent, so
+when dlse is nonzero (someone differentiates the lse) those steps run the fallback instead.
+
+This goes through JAX's private module jax._src.cudnn.fused_attention_stablehlo (the public
+jax.nn.dot_product_attention returns lse in the input dtype and without a gradient). It is
+checked once (`unavailable_reason`); dispatch falls back with a warning when it is missing or
+its signature changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from ringattn.attention.kernels import fused
+from ringattn.attention.kernels.pallas_gpu import PallasGpu
+
+MIN_CUDNN_VERSION = 8904  # flash attention with a backward (cuDNN 8.9.4)
+_BWD_PARAMS = ("scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout")
+_BWD_PARAMS += ("sliding_window_length",)
+_BWD_OPERANDS = ("query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets")
+_BWD_OPERANDS += ("kv_offsets", "page_table_k", "page_table_v", "activation", "fwd_output")
+_BWD_OPERANDS += ("grad_output",)
+
+
+def _module():
+    from jax._src.cudnn import fused_attention_stablehlo  # private: guarded by callers
+
+    return fused_attention_stablehlo
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None if the cuDNN path can run here, else why not (checked once per process)."""
+    try:
+        fa = _module()
+    except Exception as e:  # noqa: BLE001 - any import failure means: not available
+        return f"cannot import jax._src.cudnn.fused_attention_stablehlo ({e!r})"
+    for name in ("dot_product_attention", "MaskType", "AttentionLayout"):
+        if not hasattr(fa, name):
+            return f"jax._src.cudnn.fused_attention_stablehlo has no `{name}` (JAX changed)"
+    for name in ("_dot_product_attention_bwd_p_wrapper", "_dot_product_attention_bwd_impl"):
+        if not hasattr(fa, name):
+            return f"jax._src.cudnn.fused_attention_stablehlo has no `{name}` (JAX changed)"
+    names = tuple(inspect.signature(fa._dot_product_attention_bwd_impl).parameters)
+    unknown = set(names) - set(_BWD_OPERANDS) - set(_BWD_PARAMS)
+    if unknown:
+        return f"cuDNN backward takes arguments this code does not know: {sorted(unknown)}"
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return "no GPU backend"
+    if "cuda" not in getattr(gpus[0].client, "platform_version", "").lower():
+        return "the GPU backend is not CUDA"
+    try:
+        version = fa.check_cudnn_version()
+    except Exception as e:  # noqa: BLE001
+        return f"cuDNN not detected ({e!r})"
+    if version < MIN_CUDNN_VERSION:
+        return f"cuDNN {version} is older than {MIN_CUDNN_VERSION}"
+    major = int(str(getattr(gpus[0], "compute_capability", "0")).split(".")[0])
+    if major < 8:
+        return f"compute capability {gpus[0].compute_capability} < 8.0"
+    return None
+
+
+def max_head_dim():
+    gpu = jax.devices("gpu")[0]
+    return 256 if float(getattr(gpu, "compute_capability", "0")) >= 9.0 else 128
+
+
+def cudnn_fwd(q, k, v, scale, causal):
+    """(out [B, T, H, D] in q's dtype, lse [B, H, T] f32) from cuDNN's training forward."""
+    fa = _module()
+    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+    out, lse = fa.dot_product_attention(
+        q, k, v, scale=scale, mask_type=mask, qkv_layout="BTNH", return_residual=True
+    )
+    return out, lse
+
+
+def cudnn_bwd(q, k, v, out, lse, do, scale, causal):
+    """(dq, dk, dv) in the input dtypes (scaled) for the residuals (out, lse) given."""
+    fa = _module()
+    unused = jnp.zeros(0, q.dtype)
+    params = dict(
+        scale=scale,
+        seed=42,
+        dropout_rate=0.0,
+        variadic_args=(False, False),  # (has_bias, has_dbias)
+        mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK,
+        layout=fa.AttentionLayout.BTNH.value,
+        sliding_window_length=None,
+    )
+    values = dict(query=q, key=k, value=v, activation=lse, fwd_output=out, grad_output=do)
+    names = inspect.signature(fa._dot_product_attention_bwd_impl).parameters
+    operands = [values.get(n, unused) for n in names if n not in params]
+    params = {n: params[n] for n in names if n in params}
+    grads = fa._dot_product_attention_bwd_p_wrapper.bind(*operands, **params)
+    return tuple(grads[:3])
+
+
+@dataclasses.dataclass(frozen=True)
+class Cudnn(fused.FusedKernel):
+    """cuDNN for FULL and causal-diagonal steps, `fallback` for the others."""
+
+    name: ClassVar[str] = "cudnn"
+    fallback: PallasGpu = PallasGpu()
+
+    @property
+    def pad_q(self):
+        return self.fallback.pad_q
+
+    @property
+    def pad_k(self):
+        return self.fallback.pad_k
+
+    def fit(self, q_len, kv_len):
+        return dataclasses.replace(self, fallback=self.fallback.fit(q_len, kv_len))
+
+    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, o, lse):
+        def lib(causal):
+            return lambda o, lse: fused.merge(o, lse, *cudnn_fwd(q_, k_, v_, cfg.scale, causal))
+
+        def fallback(o, lse):
+            return self.fallback.fwd_pass(cfg, q_, k_, v_, qs, ks, o, lse)
+
+        branches = dict(skip=lambda o, lse: (o, lse), full=lib(False), diag=lib(True))
+        return fused.switch_step(
+            fused.step_class(cfg, qs, ks), dict(branches, partial=fallback), o, lse
+        )
+
+    def attend(self, cfg, q_, k_, v_, qs, ks):
+        def lib(causal):
+            def run():
+                out, lse = cudnn_fwd(q_, k_, v_, cfg.scale, causal)
+                return out.astype(jnp.float32), lse
+
+            return run
+
+        branches = dict(
+            skip=lambda: self.init_fwd_state(cfg, q_),
+            full=lib(False),
+            diag=lib(True),
+            partial=lambda: self.fallback.attend(cfg, q_, k_, v_, qs, ks),
+        )
+        return fused.switch_step(fused.step_class(cfg, qs, ks), branches)
+
+    def bwd_pass(self, cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads):
+        def lib(causal):
+            def run(grads):
+                new = cudnn_bwd(q_, k_, v_, aux.out, lse_, do_, cfg.scale, causal)
+                # Ours are f32 and unscaled (blockwise.finish_bwd applies the scale).
+                pairs = zip(grads, new, strict=True)
+                return tuple(g + x.astype(jnp.float32) / cfg.scale for g, x in pairs)
+
+            return run
+
+        def fallback(grads):
+            return self.fallback.bwd_pass(cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads)
+
+        cls = fused.step_class(cfg, qs, ks)
+        cls = jnp.where(aux.dlse_nonzero & (cls != fused.SKIP), fused.PARTIAL, cls)
+        branches = dict(skip=lambda g: g, full=lib(False), diag=lib(True), partial=fallback)
+        return fused.switch_step(cls, branches, grads)
