@@ -10,10 +10,13 @@ position, so a prefill fills the shards in order (contiguous). Each step, inside
 
 `sharded_*` are called inside jax.shard_map with the local shard; `*_on_mesh` wrap them over
 global arrays: the cache sharded P(batch_axis, axis_name), the new tokens and queries
-P(batch_axis) (batch_axis=None: replicated), so a (data, context) mesh shards both.
+P(batch_axis) (batch_axis=None: replicated; a tuple of axes: split over all of them), so a
+(data, context) mesh shards both.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,10 +85,14 @@ def sharded_attend(
 def _check_mesh(fn, cache, mesh, axis_name, batch_axis):
     if not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    for name, axis in (("axis_name", axis_name), ("batch_axis", batch_axis)):
-        if (axis is not None or name == "axis_name") and axis not in mesh.axis_names:
-            raise ValueError(f"{fn}: `{name}` {axis!r} is not an axis of {mesh.axis_names}.")
-    if batch_axis == axis_name:
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"{fn}: `axis_name` {axis_name!r} is not an axis of {mesh.axis_names}.")
+    batch_axes = batch_axis if isinstance(batch_axis, tuple) else (batch_axis,)
+    batch_axes = tuple(a for a in batch_axes if a is not None)
+    for axis in batch_axes:
+        if axis not in mesh.axis_names:
+            raise ValueError(f"{fn}: `batch_axis` {axis!r} is not an axis of {mesh.axis_names}.")
+    if axis_name in batch_axes:
         raise ValueError(f"{fn}: `batch_axis` must differ from `axis_name`, got {axis_name!r}.")
     n = mesh.shape[axis_name]
     if cache.num_slots % n:
@@ -93,10 +100,10 @@ def _check_mesh(fn, cache, mesh, axis_name, batch_axis):
             f"{fn}: the cache's {cache.num_slots} slots must split evenly over the {n} devices "
             f"of mesh axis `axis_name` {axis_name!r}."
         )
-    b = cache.pos.shape[0]
-    if batch_axis is not None and b % mesh.shape[batch_axis]:
+    b, rows = cache.pos.shape[0], math.prod(mesh.shape[a] for a in batch_axes)
+    if b % rows:
         raise ValueError(
-            f"{fn}: the batch ({b}) must split evenly over the {mesh.shape[batch_axis]} devices "
+            f"{fn}: the batch ({b}) must split evenly over the {rows} devices "
             f"of mesh axis `batch_axis` {batch_axis!r}."
         )
 

@@ -12,6 +12,9 @@ from flax import linen as nn
 
 from ringattn.attention.blockwise import blockwise_attention
 from ringattn.attention.reference import reference_attention
+from ringattn.decode import attend as attend_lib
+from ringattn.decode import cache as cache_lib
+from ringattn.decode import sharded
 from ringattn.mesh import mesh_axes_for
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.rope import apply_rope
@@ -81,14 +84,62 @@ def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segm
     )
 
 
+def shards_cache(cfg: ModelConfig, mesh) -> bool:
+    """Whether decoding keeps the KV cache sharded along the sequence over the context axis:
+    whenever the model runs a context-parallel attention on a mesh."""
+    return mesh is not None and cfg.attention.impl not in ("dense", "blockwise")
+
+
+def cache_batch_axes(cfg: ModelConfig, mesh):
+    """The mesh axes a sharded cache's batch is split over (the activations' batch axes)."""
+    return tuple(a for a in mesh_axes_for(cfg.rules, "act_batch") if mesh.shape[a] > 1) or None
+
+
+def write_cache(cfg: ModelConfig, mesh, cache, k_BtKD, v_BtKD, positions_Bt):
+    """The cache with the new tokens written at their positions (padding: position < 0)."""
+    if not shards_cache(cfg, mesh):
+        return cache_lib.update(cache, k_BtKD, v_BtKD, positions_Bt)
+    return sharded.update_on_mesh(
+        cache,
+        k_BtKD,
+        v_BtKD,
+        positions_Bt,
+        mesh=mesh,
+        axis_name=cfg.attention.axis,
+        batch_axis=cache_batch_axes(cfg, mesh),
+    )
+
+
+def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope):
+    """New queries against the cache (already holding them): on one device, or per device on
+    its shard of the cache, merged through lse (the cache never moves)."""
+    if not shards_cache(cfg, mesh):
+        return attend_lib.attend(q_BtHD, positions_Bt, cache, rope=rope)
+    return sharded.attend_on_mesh(
+        q_BtHD,
+        positions_Bt,
+        cache,
+        mesh=mesh,
+        axis_name=cfg.attention.axis,
+        batch_axis=cache_batch_axes(cfg, mesh),
+        rope=rope,
+    )
+
+
 class Attention(nn.Module):
-    """Grouped-query attention: H query heads share K key/value heads (never repeated)."""
+    """Grouped-query attention: H query heads share K key/value heads (never repeated).
+
+    With a KV `cache` (ringattn/decode/cache.py) it returns (out, cache): `prefill` computes the
+    tokens' attention with the configured implementation and then writes their K/V, a decode
+    step (prefill=False) writes the new tokens first and attends them to the cache. A full cache
+    stores rotated keys; window kinds store them un-rotated and rotate at their positions in the
+    cache (StreamingLLM)."""
 
     cfg: ModelConfig
     mesh: object = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True):
         cfg, e = self.cfg, x_BTE.shape[-1]
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # Fan-in is the embedding for q/k/v and (heads, head_dim) for the output projection.
@@ -102,6 +153,18 @@ class Attention(nn.Module):
         q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, wq.astype(dt))
         k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, wk.astype(dt))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, wv.astype(dt))
+        unrotated_k_BTKD = k_BTKD
+        rotate_later = cache is not None and cache.kind != "full"
+        rope = None
+        if rotate_later:
+            rope = lambda x, pos: apply_rope(x, pos, cfg.rope)  # noqa: E731
+        if cache is not None and not prefill:
+            if not rotate_later:
+                q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
+                k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
+            cache = write_cache(cfg, self.mesh, cache, k_BTKD, v_BTKD, positions_BT)
+            o_BTHD = cached_attention(cfg, self.mesh, q_BTHD, positions_BT, cache, rope)
+            return jnp.einsum("bthd,hde->bte", o_BTHD.astype(dt), wo.astype(dt)), cache
         q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
         k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
         names = ("act_batch", "act_length", "act_heads", "head_dim")
@@ -111,7 +174,11 @@ class Attention(nn.Module):
         v_BTKD = constrain(v_BTKD, kv_names, cfg, self.mesh)
         o_BTHD = attention(cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
         o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
-        return jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt))
+        out_BTE = jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt))
+        if cache is None:
+            return out_BTE
+        stored_k = unrotated_k_BTKD if rotate_later else k_BTKD
+        return out_BTE, write_cache(cfg, self.mesh, cache, stored_k, v_BTKD, positions_BT)
 
 
 def swiglu(x_BTE, w_gate_EM, w_up_EM, w_down_ME):

@@ -26,13 +26,19 @@ class Block(nn.Module):
     mesh: object = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True):
+        """(x, None), or (x, the updated cache) when given a KV cache (see Attention)."""
         cfg, mesh = self.cfg, self.mesh
         h = RMSNorm(cfg, name="attn_norm")(x_BTE)
-        x_BTE = x_BTE + Attention(cfg, mesh, name="attn")(h, positions_BT, segment_ids_BT)
+        attn = Attention(cfg, mesh, name="attn")
+        if cache is None:
+            a_BTE = attn(h, positions_BT, segment_ids_BT)
+        else:
+            a_BTE, cache = attn(h, positions_BT, segment_ids_BT, cache, prefill)
+        x_BTE = x_BTE + a_BTE
         x_BTE = constrain(x_BTE, ACT, cfg, mesh)
         x_BTE = x_BTE + Mlp(cfg, mesh, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTE))
-        return constrain(x_BTE, ACT, cfg, mesh), None
+        return constrain(x_BTE, ACT, cfg, mesh), cache
 
 
 def _block_class(cfg: ModelConfig):
@@ -85,6 +91,9 @@ class Transformer(nn.Module):
         else:
             for layer in self.layers:
                 x_BTE, _ = layer(x_BTE, positions_BT, segment_ids_BT)
+        return self.logits(x_BTE)
+
+    def logits(self, x_BTE):
         x_BTE = self.final_norm(x_BTE)
         if self.cfg.tie_embeddings:
             # Tied: scale like an untied lecun-normal projection (the table has unit variance).
@@ -97,3 +106,33 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
         return self.from_embeddings(self.embed(tokens_BT), positions_BT, segment_ids_BT)
+
+    def prefill(self, tokens_BT, positions_BT, segment_ids_BT, caches):
+        """(logits, caches): the forward pass with the configured (context-parallel) attention,
+        writing every layer's K/V into its cache (one document per row; padding: position -1,
+        segment 0). Any token order: the caches place tokens by position."""
+        return self._cached(tokens_BT, positions_BT, segment_ids_BT, caches, prefill=True)
+
+    def decode(self, tokens_Bt, positions_Bt, caches):
+        """(logits [B, t, vocab], caches): t new tokens per row (t = 1: one decode step) written
+        into the caches and attended to them (position -1: padding, not written)."""
+        return self._cached(tokens_Bt, positions_Bt, None, caches, prefill=False)
+
+    def _cached(self, tokens_BT, positions_BT, segment_ids_BT, caches, prefill):
+        if self.cfg.scan_layers or self.cfg.remat != "none":
+            raise ValueError(
+                "Transformer: decoding runs the layers in a loop without remat; build the model "
+                "with scan_layers=False, remat='none' (ringattn.decode.generate.decoding_model "
+                f"does), got scan_layers={self.cfg.scan_layers}, remat={self.cfg.remat!r}."
+            )
+        if len(caches) != self.cfg.num_layers:
+            raise ValueError(
+                f"Transformer: `caches` must hold one cache per layer ({self.cfg.num_layers}), "
+                f"got {len(caches)}."
+            )
+        x_BTE = self.embed(tokens_BT)
+        new = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x_BTE, cache = layer(x_BTE, positions_BT, segment_ids_BT, cache, prefill)
+            new.append(cache)
+        return self.logits(x_BTE), new

@@ -1,0 +1,222 @@
+"""Decoding a Transformer with KV caches: caches per layer, prefill, sampling, the decode loop.
+
+Prefill runs the prompt through the model's configured attention (context-parallel on a mesh:
+the prompt is laid out over the context axis like a training batch) and writes every layer's
+K/V into its cache. On a mesh the caches are sharded along the sequence over the context axis
+and stay there: each decode step attends the new token to every device's shard and merges the
+partial results through lse (ringattn/decode/sharded.py). Without a mesh, or with dense /
+blockwise attention, everything runs on one device.
+
+    model = decoding_model(cfg, mesh)
+    caches = init_caches(cfg, CacheSpec("full", max_len=1024), batch=1, mesh=mesh)
+    out = generate(model, params, prompt_batch([tokens]), caches, 32, temperature=0.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringattn.decode import cache as cache_lib
+from ringattn.decode import sharded
+from ringattn.nn.config import ModelConfig
+from ringattn.nn.layers import cache_batch_axes, shards_cache
+from ringattn.nn.model import Transformer
+from ringattn.parallel.layouts import to_layout
+
+PAD = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What cache every layer gets (ringattn/decode/cache.py): "full" holds `max_len` tokens,
+    "sink_window" `num_sinks` + `window` (StreamingLLM), "window" the last `window` only.
+    `dtype`: stored K/V (or, with `quantize`, what int8 + float32 scales stand for)."""
+
+    kind: str = "full"
+    max_len: int | None = None
+    num_sinks: int = 0
+    window: int | None = None
+    quantize: bool = False
+    dtype: str = "float32"
+
+
+def decoding_model(cfg: ModelConfig, mesh=None) -> Transformer:
+    """The model with its layers in a loop and no remat (decoding has no backward)."""
+    return Transformer(dataclasses.replace(cfg, scan_layers=False, remat="none"), mesh)
+
+
+def decoding_params(cfg: ModelConfig, params):
+    """`params` of a model built with `cfg`, in the layout `decoding_model` expects (scanned
+    layers unstacked into layer_0, layer_1 ...)."""
+    if not cfg.scan_layers:
+        return params
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(cfg.num_layers):
+        params[f"layer_{i}"] = jax.tree.map(lambda x: x[i], stacked)  # noqa: B023
+    return params
+
+
+def num_shards(cfg: ModelConfig, mesh) -> int:
+    """Devices the cache and the prompt are split over (1 when decoding on one device)."""
+    return mesh.shape[cfg.attention.axis] if shards_cache(cfg, mesh) else 1
+
+
+def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
+    """One empty cache per layer; on a mesh, created directly sharded along the sequence over
+    the context axis. A full cache's `max_len` is rounded up to a multiple of the shards."""
+    n = num_shards(cfg, mesh)
+    max_len = spec.max_len
+    if spec.kind == "full" and isinstance(max_len, int) and max_len > 0:
+        max_len = -(-max_len // n) * n
+    elif spec.kind != "full" and n > 1 and (spec.num_sinks + (spec.window or 0)) % n:
+        raise ValueError(
+            f"init_caches: a sharded {spec.kind!r} cache needs num_sinks + window "
+            f"({spec.num_sinks} + {spec.window}) to be a multiple of the {n} shards."
+        )
+    init = functools.partial(
+        cache_lib.init_cache,
+        spec.kind,
+        batch,
+        max_len,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        jnp.dtype(spec.dtype),
+        num_sinks=spec.num_sinks,
+        window=spec.window,
+        quantize=spec.quantize,
+    )
+    if n == 1:
+        one = init()
+    else:
+        axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))
+        out = sharded.cache_sharding(jax.eval_shape(init), mesh, *axes)
+        one = jax.jit(init, out_shardings=out)()
+    return [one] * cfg.num_layers  # arrays are immutable: the layers may share the empty one
+
+
+def prompt_batch(prompts, multiple=1):
+    """Prompts (token arrays of any lengths) right-padded into one batch whose length is a
+    multiple of `multiple`: tokens, positions (-1 on padding), segment ids (0 on padding) [B, T]
+    and lengths [B]."""
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("prompt_batch: `prompts` must be non-empty token arrays.")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = -(-int(lengths.max()) // multiple) * multiple
+    real = np.arange(t)[None] < lengths[:, None]
+    tokens = np.full((len(prompts), t), PAD, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    positions = np.where(real, np.arange(t)[None], -1).astype(np.int32)
+    return dict(
+        tokens=tokens, positions=positions, segment_ids=real.astype(np.int32), lengths=lengths
+    )
+
+
+def pad_multiple(cfg: ModelConfig, mesh) -> int:
+    """What the prompt length must be a multiple of to be laid out over the context axis."""
+    n = num_shards(cfg, mesh)
+    return 2 * n if cfg.attention.layout == "zigzag" and n > 1 else n
+
+
+def prefill(model, params, batch, caches):
+    """(logits [B, vocab] after each row's last prompt token, caches). The prompt goes into the
+    model's layout order first; the caches place tokens by position, whatever the order."""
+    n = num_shards(model.cfg, model.mesh)
+    layout = model.cfg.attention.layout
+    tokens, positions, segs = (
+        to_layout(jnp.asarray(batch[k]), layout, n) if n > 1 else jnp.asarray(batch[k])
+        for k in ("tokens", "positions", "segment_ids")
+    )
+    logits_BTV, caches = model.apply(
+        {"params": params}, tokens, positions, segs, caches, method=Transformer.prefill
+    )
+    last_BT = positions == (jnp.asarray(batch["lengths"]) - 1)[:, None]
+    idx_B = jnp.argmax(last_BT, axis=1)
+    return jnp.take_along_axis(logits_BTV, idx_B[:, None, None], axis=1)[:, 0], caches
+
+
+def sample(logits_BV, rng, temperature=0.0, top_k=0):
+    """Greedy (temperature 0), else a draw from softmax(logits / temperature), restricted to
+    the top_k most likely tokens when top_k > 0. Returns int32 [B]."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def decode_loop(model, params, caches, token_B, position_B, rng, num_steps, temperature, top_k):
+    """(tokens [B, num_steps], caches): feed token_B at position_B, sample the next, repeat."""
+
+    def step(carry, rng):
+        caches, token_B, pos_B = carry
+        logits, caches = model.apply(
+            {"params": params},
+            token_B[:, None],
+            pos_B[:, None],
+            caches,
+            method=Transformer.decode,
+        )
+        nxt = sample(logits[:, 0], rng, temperature, top_k)
+        return (caches, nxt, pos_B + 1), nxt
+
+    (caches, _, _), tokens = jax.lax.scan(
+        step, (caches, token_B, position_B), jax.random.split(rng, num_steps)
+    )
+    return tokens.T, caches
+
+
+@functools.cache
+def _compiled(model, temperature, top_k, num_steps):
+    pre = jax.jit(functools.partial(prefill, model))
+    loop = jax.jit(
+        functools.partial(
+            decode_loop, model, num_steps=num_steps, temperature=temperature, top_k=top_k
+        ),
+        donate_argnums=1,
+    )
+    return pre, loop
+
+
+def generate(model, params, batch, caches, max_new_tokens, *, temperature=0.0, top_k=0, seed=0):
+    """Prefill `batch` (from `prompt_batch`) and sample `max_new_tokens` per row. Returns
+    tokens [B, max_new_tokens] and timings, compilation excluded: prefill_s, decode_s and
+    decode tokens/s (the max_new_tokens - 1 decode steps over the whole batch)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: `max_new_tokens` must be >= 1, got {max_new_tokens}.")
+    pre, loop = _compiled(model, float(temperature), int(top_k), max_new_tokens - 1)
+    rng0, rng = jax.random.split(jax.random.key(seed))
+    pos_B = jnp.asarray(batch["lengths"], jnp.int32)
+    args = (params, batch, caches)
+    pre = pre.lower(*args).compile()
+    t0 = time.perf_counter()
+    logits_BV, caches = jax.block_until_ready(pre(*args))
+    prefill_s = time.perf_counter() - t0
+    first_B = sample(logits_BV, rng0, temperature, top_k)
+    tokens = first_B[:, None]
+    decode_s = 0.0
+    if max_new_tokens > 1:
+        loop_args = (params, caches, first_B, pos_B, rng)
+        loop = loop.lower(*loop_args).compile()
+        t0 = time.perf_counter()
+        rest, caches = jax.block_until_ready(loop(*loop_args))
+        decode_s = time.perf_counter() - t0
+        tokens = jnp.concatenate([tokens, rest], axis=1)
+    steps = tokens.shape[0] * (max_new_tokens - 1)
+    return dict(
+        tokens=np.asarray(tokens),
+        caches=caches,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        tokens_per_s=steps / decode_s if decode_s else float("nan"),
+    )
