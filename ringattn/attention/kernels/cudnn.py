@@ -162,10 +162,10 @@ class Cudnn(fused.FusedKernel):
     def bwd_pass(self, cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads):
         def lib(causal):
             def run(grads):
-                new = cudnn_bwd(q_, k_, v_, aux.out, lse_, do_, cfg.scale, causal)
-                # Ours are f32 and unscaled (blockwise.finish_bwd applies the scale).
-                pairs = zip(grads, new, strict=True)
-                return tuple(g + x.astype(jnp.float32) / cfg.scale for g, x in pairs)
+                dq, dk, dv = cudnn_bwd(q_, k_, v_, aux.out, lse_, do_, cfg.scale, causal)
+                # Ours are f32, dq and dk without the scale (blockwise.finish_bwd applies it).
+                unscale = lambda x: x.astype(jnp.float32) / cfg.scale  # noqa: E731
+                return grads[0] + unscale(dq), grads[1] + unscale(dk), grads[2] + dv
 
             return run
 

@@ -1,0 +1,187 @@
+"""The cuDNN path: on CPU, its step logic with cuDNN's two calls replaced by exact stand-ins
+(dense math with cuDNN's conventions); on a CUDA GPU, the real thing and compiled Pallas.
+
+The stand-in tests poison the fallback kernel (NaN) where every step should go to cuDNN: a
+wrong step classification, merge, scale or dtype conversion then shows as an error or a NaN.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import ringattn
+from ringattn.attention.kernels import cudnn, fused
+from ringattn.attention.kernels.cudnn import Cudnn
+from ringattn.attention.kernels.pallas_gpu import PallasGpu
+
+B, T, H, KH, D = 2, 64, 4, 2, 16
+BLOCKS16 = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+
+
+def _dense(q, k, v, scale, causal):
+    """Scores [B, H, T, S] and the k/v heads repeated to H (the stand-ins are tests only)."""
+    g = q.shape[2] // k.shape[2]
+    k_, v_ = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k_) * scale
+    if causal:  # cuDNN's causal mask is on array indices, top-left aligned
+        s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+    return s, k_, v_, g
+
+
+def fake_fwd(q, k, v, scale, causal):
+    """cuDNN's training forward: out in q's dtype, natural-log lse [B, H, T] f32."""
+    s, _, v_, _ = _dense(q, k, v, scale, causal)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bhts,bshd->bthd", jnp.exp(s - lse[..., None]), v_)
+    return out.astype(q.dtype), lse
+
+
+def fake_bwd(q, k, v, out, lse, do, scale, causal):
+    """cuDNN's backward given residuals: delta from out and do, grads in the input dtypes."""
+    s, k_, v_, g = _dense(q, k, v, scale, causal)
+    p = jnp.exp(s - lse[..., None])
+    do32 = do.astype(jnp.float32)
+    delta = jnp.einsum("bthd,bthd->bht", do32, out.astype(jnp.float32))
+    ds = p * (jnp.einsum("bthd,bshd->bhts", do32, v_) - delta[..., None])
+    dq = jnp.einsum("bhts,bshd->bthd", ds, k_) * scale
+    fold = lambda x: x.reshape(*x.shape[:2], -1, g, x.shape[-1]).sum(3)  # noqa: E731
+    dk = fold(jnp.einsum("bhts,bthd->bshd", ds, q.astype(jnp.float32)) * scale)
+    dv = fold(jnp.einsum("bhts,bthd->bshd", p, do32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Poison(PallasGpu):
+    """A fallback that must not run: NaN state and gradients."""
+
+    name: ClassVar[str] = "poison"
+
+    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, o, lse):
+        return o * jnp.nan, lse * jnp.nan
+
+    def bwd_pass(self, cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads):
+        return tuple(g * jnp.nan for g in grads)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    monkeypatch.setattr(cudnn, "cudnn_fwd", fake_fwd)
+    monkeypatch.setattr(cudnn, "cudnn_bwd", fake_bwd)
+
+
+def _data(helpers, dtype=np.float32, t=T):
+    return helpers.random_inputs(np.random.default_rng(0), B, t, t, H, KH, D, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_steps_cudnn_expresses_run_cudnn(helpers, stand_ins, causal):
+    """Unmasked and plain causal attention: every step is cuDNN's (the fallback is poisoned)."""
+    q, k, v, do, dlse = _data(helpers)
+    dlse = np.zeros_like(dlse)
+    kernel = Cudnn(fallback=Poison(interpret=True, **BLOCKS16))
+    got = helpers.run_attention(
+        ringattn.blockwise_attention, q, k, v, do, dlse, kernel=kernel, causal=causal
+    )
+    want = helpers.reference_f64(q, k, v, do, dlse, causal=causal)
+    helpers.assert_all_close(got, want, np.float32)
+
+
+def test_other_steps_fall_back(helpers, stand_ins):
+    """Segments (PARTIAL: the Pallas fallback) and a nonzero dlse (cuDNN cannot take it)."""
+    q, k, v, do, dlse = _data(helpers)
+    seg = np.asarray([[0] * 20 + [1] * 44, [0] * 50 + [1] * 14], np.int32)
+    kernel = Cudnn(fallback=PallasGpu(interpret=True, **BLOCKS16))
+    masks = dict(segment_ids=seg)
+    for case in (dict(causal=True), dict(causal=True, masks=masks)):
+        m = case.pop("masks", None)
+        got = helpers.run_attention(
+            ringattn.blockwise_attention, q, k, v, do, dlse, m, kernel=kernel, **case
+        )
+        want = helpers.reference_f64(q, k, v, do, dlse, m, **case)
+        helpers.assert_all_close(got, want, np.float32)
+
+
+def test_ring_steps_cudnn(helpers, stand_ins):
+    """A causal contiguous ring over 4 devices: the diagonal step is cuDNN-causal, the earlier
+    shards cuDNN-unmasked, the later ones skipped; the fallback never runs."""
+    n = 4
+    q, k, v, do, dlse = _data(helpers)
+    dlse = np.zeros_like(dlse)
+    kernel = Cudnn(fallback=Poison(interpret=True, **BLOCKS16))
+    seq = P(None, "ring")
+
+    def local(q, k, v):
+        return ringattn.ring_attention(
+            q, k, v, axis_name="ring", causal=True, kernel=kernel, return_lse=True
+        )
+
+    ring = jax.shard_map(
+        local,
+        mesh=helpers.ring_mesh(n),
+        in_specs=(seq,) * 3,
+        out_specs=(seq, P(None, None, "ring")),
+        check_vma=False,  # the fallback is a Pallas interpreter kernel
+    )
+
+    @jax.jit
+    def run(q, k, v, do, dlse):
+        (out, lse), vjp = jax.vjp(ring, q, k, v)
+        return (out, lse, *vjp((do, dlse)))
+
+    got = run(q, k, v, do, dlse)
+    helpers.assert_all_close(got, helpers.reference_f64(q, k, v, do, dlse, causal=True), np.float32)
+
+
+def test_step_class():
+    """The step rule: FULL, the causal diagonal (not with a window, segments or unsorted
+    positions) and PARTIAL otherwise."""
+    from ringattn.attention import blockwise
+    from ringattn.attention.masks import FULL, PARTIAL, MaskSpec
+
+    def cls(spec, q_pos, kv_pos, seg=None, allow=False):
+        cfg = blockwise.Config(spec, 1.0, 16, 16, len(kv_pos), jnp.float32)
+        side = lambda p: blockwise.make_side(jnp.asarray([p], jnp.int32), seg, 16)  # noqa: E731
+        return int(fused.step_class(cfg, side(q_pos), side(kv_pos), allow))
+
+    pos = np.arange(32)
+    assert cls(MaskSpec(causal=True), pos + 32, pos) == FULL
+    assert cls(MaskSpec(causal=True), pos, pos) == fused.DIAG
+    assert cls(MaskSpec(causal=True, window=(8, 0)), pos, pos) == PARTIAL
+    assert cls(MaskSpec(causal=True), pos[::-1], pos[::-1]) == PARTIAL
+    seg = jnp.asarray([[0] * 16 + [1] * 16])
+    assert cls(MaskSpec(causal=True), pos, pos, seg) == PARTIAL
+    assert cls(MaskSpec(causal=True), pos, pos, seg, allow=True) == fused.DIAG
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU only.
+
+
+def _has_cuda():
+    try:
+        return any(d.platform == "gpu" for d in jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+requires_gpu = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+
+
+@requires_gpu
+@pytest.mark.parametrize("kernel", ["cudnn", "pallas_gpu"])
+@pytest.mark.parametrize("static", [dict(), dict(causal=True), dict(local_window_size=(100, 0))])
+def test_gpu_kernels_bf16(helpers, kernel, static):
+    """Compiled kernels on the GPU, bf16, D = 64, against the float64 reference."""
+    if kernel == "cudnn" and cudnn.unavailable_reason() is not None:
+        pytest.skip(cudnn.unavailable_reason())
+    gpu = jax.devices("gpu")[0]
+    rng = np.random.default_rng(0)
+    data = helpers.random_inputs(rng, 2, 512, 512, 8, 2, 64, jnp.bfloat16)
+    data = [jax.device_put(x, gpu) for x in data]
+    got = helpers.run_attention(ringattn.blockwise_attention, *data, kernel=kernel, **static)
+    helpers.assert_all_close(got, helpers.reference_f64(*data, **static), jnp.bfloat16)
