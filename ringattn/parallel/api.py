@@ -227,6 +227,6 @@ def context_parallel_attention(
         mesh=mesh,
         in_specs=specs,
         out_specs=(qkv, P(batch_axes, head_axes, seq_axes)),
-        check_vma=not dispatch.interpreted(kernel, mesh.devices.flat[0].platform),
+        check_vma=not dispatch.needs_vma_off(kernel, mesh.devices.flat[0].platform),
     )(*args)
     return (out, lse) if return_lse else out

@@ -45,13 +45,19 @@ def warn_once(message):
 
 
 def interpreted(kernel, where):
-    """Whether `kernel` runs in a Pallas interpreter on platform `where`. Inside jax.shard_map
-    such kernels need check_vma=False: the interpreter does not carry varying-axis types."""
+    """Whether `kernel` runs in a Pallas interpreter on platform `where`."""
     if isinstance(kernel, fused.FusedKernel):
         kernels = (kernel, getattr(kernel, "fallback", None))
         return any(getattr(k, "interpret", False) for k in kernels)
     home = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
     return kernel in home and where != home[kernel]
+
+
+def needs_vma_off(kernel, where):
+    """Whether jax.shard_map must run `kernel` with check_vma=False: the Pallas interpreter
+    does not carry varying-axis types, nor do splash attention's output shapes."""
+    splash_kernel = isinstance(kernel, splash.PallasTpu) or kernel == "pallas_tpu"
+    return interpreted(kernel, where) or splash_kernel or (kernel == "auto" and where == "tpu")
 
 
 def blocks(kern, block_q, block_k, q_len, kv_len):

@@ -32,6 +32,7 @@ def test_named_kernels_on_cpu_are_interpreted():
     assert dispatch.interpreted("pallas_gpu", "cpu") and not dispatch.interpreted("xla", "cpu")
     assert dispatch.interpreted(Cudnn(fallback=PallasGpu(interpret=True)), "gpu")
     assert not dispatch.interpreted(PallasGpu(), "gpu")
+    assert dispatch.needs_vma_off("auto", "tpu") and not dispatch.needs_vma_off("auto", "gpu")
     assert _resolve("pallas_tpu", F32) == PallasTpu(interpret=True)
 
 
