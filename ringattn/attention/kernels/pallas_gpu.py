@@ -60,8 +60,8 @@ def _varying(x):
 
 
 def _match_varying(arrays):
-    """All arrays varying over the union of their shard_map axes: the Pallas interpreter
-    rejects mixed operands (ring positions may be replicated while q is not)."""
+    """All arrays varying over the union of their shard_map axes, the type of the outputs
+    (in a ring, positions may be replicated while q is not)."""
     axes = frozenset().union(*map(_varying, arrays))
     cast = getattr(lax, "pcast", None)
     out = []

@@ -33,7 +33,8 @@ def test_named_kernels_on_cpu_are_interpreted():
     assert dispatch.interpreted(Cudnn(fallback=PallasGpu(interpret=True)), "gpu")
     assert not dispatch.interpreted(PallasGpu(), "gpu")
     assert dispatch.needs_vma_off("auto", "tpu") and not dispatch.needs_vma_off("auto", "gpu")
-    assert _resolve("pallas_tpu", F32) == PallasTpu(interpret=True)
+    with pytest.warns(RuntimeWarning, match="TPU interpreter"):
+        assert _resolve("pallas_tpu", F32) == PallasTpu(interpret=True)
 
 
 @pytest.mark.parametrize(

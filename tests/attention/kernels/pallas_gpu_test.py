@@ -111,10 +111,17 @@ def test_fully_masked_rows(helpers):
 
 
 def _tables(spec, q_pos, kv_pos, block, kv_len=None):
+    """(state, q_bounds, k_bounds) of the kernel's tile tables (one compiled program)."""
     cfg = blockwise.Config(spec, 1.0, block, block, kv_len or kv_pos.shape[1], jnp.float32)
-    qs = blockwise.make_side(jnp.asarray(q_pos), None, block)
-    ks = blockwise.make_side(jnp.asarray(kv_pos), None, block)
-    return pallas_gpu._Tables(cfg, qs, ks, block, block, 1)
+
+    @jax.jit
+    def run(q_pos, kv_pos):
+        qs = blockwise.make_side(q_pos, None, block)
+        ks = blockwise.make_side(kv_pos, None, block)
+        tab = pallas_gpu._Tables(cfg, qs, ks, block, block, 1)
+        return tab.state, tab.q_bounds, tab.k_bounds
+
+    return run(q_pos, kv_pos)
 
 
 def test_tables_skip_blocks():
@@ -122,17 +129,17 @@ def test_tables_skip_blocks():
     others not), key block j is visited by q blocks [j, 4); a window of one block back visits
     two blocks; a padded last key block is masked even where it would be FULL."""
     pos = np.arange(64, dtype=np.int32)[None]
-    tab = _tables(MaskSpec(causal=True), pos, pos, 16)
+    state, q_bounds, k_bounds = _tables(MaskSpec(causal=True), pos, pos, 16)
     want = np.where(
         np.arange(4)[:, None] > np.arange(4), FULL, np.where(np.eye(4, dtype=bool), PARTIAL, SKIP)
     )
-    np.testing.assert_array_equal(tab.state[0], want)
-    np.testing.assert_array_equal(tab.q_bounds[0], [[0, 1], [0, 2], [0, 3], [0, 4]])
-    np.testing.assert_array_equal(tab.k_bounds[0], [[0, 4], [1, 4], [2, 4], [3, 4]])
-    tab = _tables(MaskSpec(causal=True, window=(16, 0)), pos, pos, 16)
-    np.testing.assert_array_equal(tab.q_bounds[0], [[0, 1], [0, 2], [1, 3], [2, 4]])
-    tab = _tables(MaskSpec(), pos[:, :48], pos, 16, kv_len=56)
-    np.testing.assert_array_equal(tab.state[0], [[FULL, FULL, FULL, PARTIAL]] * 3)
+    np.testing.assert_array_equal(state[0], want)
+    np.testing.assert_array_equal(q_bounds[0], [[0, 1], [0, 2], [0, 3], [0, 4]])
+    np.testing.assert_array_equal(k_bounds[0], [[0, 4], [1, 4], [2, 4], [3, 4]])
+    _, q_bounds, _ = _tables(MaskSpec(causal=True, window=(16, 0)), pos, pos, 16)
+    np.testing.assert_array_equal(q_bounds[0], [[0, 1], [0, 2], [1, 3], [2, 4]])
+    state, _, _ = _tables(MaskSpec(), pos[:, :48], pos, 16, kv_len=56)
+    np.testing.assert_array_equal(state[0], [[FULL, FULL, FULL, PARTIAL]] * 3)
 
 
 def test_kernel_validates_blocks():
@@ -197,21 +204,21 @@ def test_ring_pallas_gpu_4_devices(helpers):
         helpers.assert_all_close(got, want, np.float32)
 
 
-def test_context_parallel_ulysses_and_allgather(helpers):
-    """The kernel reaches the other strategies: Ulysses (heads over 2 devices) and all-gather."""
+def test_context_parallel_allgather(helpers):
+    """context_parallel_attention hands the kernel to its strategy: all-gather over 2 devices
+    (Ulysses and hybrid pass it on to blockwise_attention and ring_attention the same way)."""
     rng = np.random.default_rng(2)
     static, masks, kh, t = _case("causal_mha", rng)
     data = helpers.random_inputs(rng, B, t, T, H, kh, D)
     want = helpers.reference_f64(*data, masks, **static)
     mesh = jax.make_mesh((2,), ("context",), devices=jax.devices("cpu")[:2])
-    for strategy in ("ulysses", "allgather"):
-        got = helpers.run_attention(
-            ringattn.context_parallel_attention,
-            *data,
-            masks,
-            mesh=mesh,
-            strategy=strategy,
-            kernel=KERNEL,
-            **static,
-        )
-        helpers.assert_all_close(got, want, np.float32)
+    got = helpers.run_attention(
+        ringattn.context_parallel_attention,
+        *data,
+        masks,
+        mesh=mesh,
+        strategy="allgather",
+        kernel=KERNEL,
+        **static,
+    )
+    helpers.assert_all_close(got, want, np.float32)
