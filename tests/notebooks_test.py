@@ -1,4 +1,5 @@
-"""Executes every notebook in notebooks/ and fails on the first cell that raises."""
+"""Executes every notebook in notebooks/ and fails on the first cell that raises. Notebooks that
+train read RINGATTN_NOTEBOOK_SMALL=1 and run with small settings."""
 
 import json
 import os
@@ -28,6 +29,12 @@ def kernel_name(tmp_path, monkeypatch):
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
         [str(tmp_path / "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
+    # Notebooks that train shrink to a smoke test (a tiny model, a few steps, a small grid), and
+    # compile with the same cheap LLVM settings as the tests (conftest.py).
+    monkeypatch.setenv("RINGATTN_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"),
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"])))
     # The kernel imports this checkout even when the package is not installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))

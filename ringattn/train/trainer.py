@@ -1,6 +1,7 @@
 """The training loop: config -> mesh -> data (in the layout) -> model -> step -> checkpoints.
 
 Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else a fresh state.
+The config is written to `<workdir>/config.json` (ringattn/decode/restore.py reads it back).
 A resumed run continues exactly (same batches, same losses) because the data iterator's state is
 saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
 """
@@ -178,6 +179,9 @@ def train_and_evaluate(config, workdir):
     """Train (or resume) the experiment `config` in `workdir`; returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
     exp = Experiment(config)
+    if jax.process_index() == 0:  # what generate/needle rebuild the model from
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=1))
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     train_it = exp.iterator(config.seed, curriculum(config))
     restored = ckpt.restore_latest(exp.abstract_state)

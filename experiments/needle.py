@@ -1,0 +1,74 @@
+"""Needle in a haystack on a trained passkey run: exact-match accuracy over context lengths x
+needle depths, answers decoded with the KV cache; a heatmap ("lost in the middle").
+
+  python experiments/needle.py --workdir=/tmp/passkey --out=/tmp/needle
+  python experiments/needle.py --workdir=/tmp/passkey --out=/tmp/needle_rope \
+      --rope_scaling=none,linear,ntk,yarn,llama3            # 1x, 2x, 4x the training length
+
+Writes DIR/needle.json (a list of {rope_scaling, length, depth, accuracy, num_samples}) and
+DIR/needle.png. Lengths default to 1x, 2x and 4x the run's training length; beyond it each
+--rope_scaling stretches RoPE by length / training length (at the training length all are the
+identity).
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained passkey run.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The run's config, for runs without <workdir>/config.json.", lock_config=True
+)
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths (default: 1x, 2x, 4x training).")
+_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths.")
+_SCALINGS = flags.DEFINE_list(
+    "rope_scaling",
+    ["none"],
+    "RoPE scalings beyond the training length: none,linear,ntk,yarn,llama3",
+)
+_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Prompts per (length, depth) cell.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices (default: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Prompt seed (evaluation prompts, not training ones).")
+_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+    from ringattn.decode import needle
+    from ringattn.decode.restore import load_run
+    from ringattn.train.trainer import curriculum
+
+    if not (_WORKDIR.value and _OUT.value):
+        raise app.UsageError("--workdir and --out are required.")
+    run = load_run(_WORKDIR.value, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
+    train_len = curriculum(run.config)[-1][1]
+    lengths = [int(x) for x in _LENGTHS.value or [train_len, 2 * train_len, 4 * train_len]]
+    print(f"checkpoint {run.step}, trained at {train_len} tokens; mesh {dict(run.mesh.shape)}")
+    rows = needle.evaluate(
+        run.model_cfg,
+        run.params,
+        run.mesh,
+        train_len=train_len,
+        lengths=lengths,
+        depths=[float(d) for d in _DEPTHS.value],
+        scalings=_SCALINGS.value,
+        num_samples=_SAMPLES.value,
+        batch_size=_BATCH.value,
+        seed=_SEED.value,
+    )
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "needle.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    needle.plot_heatmap(rows, os.path.join(_OUT.value, "needle.png"))
+    print(f"wrote {_OUT.value}/needle.json and needle.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,153 @@
+"""The inference experiments end to end on tiny untrained runs (the trainer with 0 steps writes
+the config and a checkpoint): generate, needle, streaming, decode_benchmark, each script's main
+run in this process; and what their results must satisfy whatever the weights."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+
+from configs import default
+from configs import streaming as streaming_config
+from ringattn.decode import needle
+from ringattn.train import trainer
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
+
+
+def untrained_run(config, workdir):
+    config.num_train_steps = 0  # init, save checkpoint 0 and config.json
+    trainer.train_and_evaluate(config, str(workdir))
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def passkey_run(tmp_path_factory):
+    c = default.get_config("test")  # 1 layer, d 32, ring / zigzag over 8 devices, 128 tokens
+    return untrained_run(c, tmp_path_factory.mktemp("passkey"))
+
+
+def run_script(name, *args):
+    """experiments/<name>.py's main with these flags, in this process; returns its stdout.
+    Its flags are removed afterwards, so scripts defining the same flag names can follow."""
+    before = set(flags.FLAGS)
+    spec = importlib.util.spec_from_file_location(
+        f"exp_{name}", os.path.join(EXPERIMENTS, f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        flags.FLAGS([name, *args])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            module.main([])
+        return out.getvalue()
+    finally:
+        for flag in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, flag)
+
+
+def test_generate_script(passkey_run):
+    out = run_script(
+        "generate", f"--workdir={passkey_run}", "--prompt=The pass key is", "--max_new_tokens=3"
+    )
+    assert out.startswith("The pass key is")
+    assert "checkpoint 0 | 15 prompt tokens | cache full over 8 device(s)" in out
+    assert "tokens/s" in out
+
+
+def test_needle_script(passkey_run, tmp_path):
+    run_script(
+        "needle",
+        f"--workdir={passkey_run}",
+        f"--out={tmp_path}",
+        "--lengths=128,256",
+        "--depths=0,0.5,1",
+        "--rope_scaling=none,yarn",
+        "--num_samples=2",
+    )
+    rows = json.loads((tmp_path / "needle.json").read_text())
+    assert len(rows) == 2 * 2 * 3
+    assert {(r["rope_scaling"], r["length"]) for r in rows} == {
+        (s, n) for s in ("none", "yarn") for n in (128, 256)
+    }
+    assert all(r["accuracy"] in (0.0, 0.5, 1.0) and r["num_samples"] == 2 for r in rows)
+    # At the training length every scaling is the identity: one measurement, shared.
+    at_train = {r["depth"]: r["accuracy"] for r in rows if r["length"] == 128}
+    assert all(at_train[r["depth"]] == r["accuracy"] for r in rows if r["length"] == 128)
+    assert (tmp_path / "needle.png").stat().st_size > 1000
+
+
+def test_streaming_config_parses():
+    for variant in ("", "test"):
+        c = streaming_config.get_config(variant)
+        assert c.task == "text" and trainer.model_config(c.model).attention.impl == "dense"
+    with pytest.raises(ValueError, match="unknown variant"):
+        streaming_config.get_config("huge")
+
+
+def test_rope_scaling_factor():
+    model_cfg = trainer.model_config(default.get_config("test").model)
+    scaled = needle.with_rope_scaling(model_cfg, "yarn", 512, 128)
+    assert (scaled.rope.scaling, scaled.rope.factor, scaled.rope.original_len) == ("yarn", 4.0, 128)
+    assert needle.with_rope_scaling(model_cfg, "none", 512, 128).rope.factor == 1.0
+
+
+def test_streaming_script(passkey_run, tmp_path):
+    """One layer: the window-only cache is exactly the sliding window recomputed (cached K/V of
+    one layer do not depend on the context); sinks change the result."""
+    run_script(
+        "streaming",
+        f"--workdir={passkey_run}",
+        f"--out={tmp_path}",
+        "--cache_len=16",
+        "--num_sinks=2",
+        "--stream_multiple=4",
+        "--num_streams=2",
+        "--bin_size=16",
+    )
+    result = json.loads((tmp_path / "streaming.json").read_text())
+    methods = result["methods"]
+    sink, window, recompute = (methods[k] for k in methods)
+    assert len(methods) == 3 and len(recompute["perplexity"]) == 63 // 16
+    np.testing.assert_allclose(window["perplexity"], recompute["perplexity"], rtol=1e-4)
+    assert sink["perplexity"][0] == pytest.approx(recompute["perplexity"][0], rel=1e-4)
+    assert sink["perplexity_after_cache_full"] != pytest.approx(
+        window["perplexity_after_cache_full"], rel=1e-6
+    )
+    assert len(result["first_token_attention"]) == 1
+    assert 0 < result["first_token_attention"][0] < 1
+    assert (tmp_path / "streaming.png").stat().st_size > 1000
+
+
+def test_decode_benchmark_script(tmp_path):
+    out_path = tmp_path / "decode.json"
+    run_script(
+        "decode_benchmark",
+        f"--config={os.path.join(EXPERIMENTS, '..', 'configs', 'default.py')}:test",
+        "--cache_lens=64",
+        "--num_devices=1,4",
+        "--steps=4",
+        "--repeats=1",
+        "--dtype_cache_len=64",
+        f"--out={out_path}",
+    )
+    result = json.loads(out_path.read_text())
+    assert [r["devices"] for r in result["throughput"]] == [1, 4]
+    assert all(r["decode_tokens_per_s"] > 0 for r in result["throughput"])
+    one, four = result["throughput"]
+    assert four["cache_mib_per_device"] == pytest.approx(one["cache_mib_per_device"] / 4)
+    by = {r["cache"]: r for r in result["cache_dtypes"]}
+    assert by["float32"]["max_abs_logit_err"] == 0
+    # Per token and layer: int8 K/V (2 K D bytes) + float32 scales (2 K 4) + its int32 position,
+    # against bf16's 2 K D 2 + 4: 0.76 at the test model's D = 8, 0.52 at D = 128.
+    k, d = 2, 8
+    assert by["int8"]["bytes_vs_bf16"] == pytest.approx((2 * k * d + 8 * k + 4) / (4 * k * d + 4))
+    assert by["int8"]["rel_logit_err"] < 2e-2
+    assert jax.device_count() == 8
