@@ -92,13 +92,12 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
         window=spec.window,
         quantize=spec.quantize,
     )
-    if n == 1:
-        one = init()
-    else:
+    if n > 1:
         axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))
-        out = sharded.cache_sharding(jax.eval_shape(init), mesh, *axes)
-        one = jax.jit(init, out_shardings=out)()
-    return [one] * cfg.num_layers  # arrays are immutable: the layers may share the empty one
+        init = jax.jit(
+            init, out_shardings=sharded.cache_sharding(jax.eval_shape(init), mesh, *axes)
+        )
+    return [init() for _ in range(cfg.num_layers)]  # distinct buffers: each may be donated
 
 
 def prompt_batch(prompts, multiple=1):

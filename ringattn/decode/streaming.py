@@ -121,23 +121,29 @@ def binned(nll_BL, bin_size):
 
 
 def plot(result, path=None):
-    """Perplexity against position for every method, the cache length marked."""
+    """Perplexity against position for every method (left) and each cached method's ratio to
+    the recomputed reference (right: drift shows as a departure from 1); the cache length
+    marked."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for name, r in result["methods"].items():
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 3.8))
+    methods = result["methods"]
+    ref = np.asarray(list(methods.values())[-1]["perplexity"])
+    for name, r in methods.items():
         ax.plot(r["bin_start"], r["perplexity"], marker="o", ms=3, label=name)
-    ax.axvline(result["cache_len"], color="gray", ls="--", lw=1)
-    ax.text(result["cache_len"], ax.get_ylim()[1], " cache full", va="top", fontsize=8)
-    ax.set_xlabel("position in the stream (tokens)")
+        ax_ratio.plot(r["bin_start"], np.asarray(r["perplexity"]) / ref, marker="o", ms=3)
+    for a in (ax, ax_ratio):
+        a.axvline(result["cache_len"], color="gray", ls="--", lw=1)
+        a.set_xlabel("position in the stream (tokens; dashed: the cache is full)")
     ax.set_ylabel(f"perplexity (bins of {result['bin_size']})")
     ax.set_yscale("log")
-    ax.set_title(
+    ax.legend(fontsize=8)
+    ax_ratio.set_ylabel("perplexity / recomputed window")
+    fig.suptitle(
         f"Streaming: cache of {result['cache_len']} tokens ({result['num_sinks']} sinks), "
-        f"stream of {result['stream_len']}",
+        f"{result['num_streams']} streams of {result['stream_len']}",
         fontsize=10,
     )
-    ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

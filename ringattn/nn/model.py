@@ -110,7 +110,9 @@ class Transformer(nn.Module):
     def prefill(self, tokens_BT, positions_BT, segment_ids_BT, caches):
         """(logits, caches): the forward pass with the configured (context-parallel) attention,
         writing every layer's K/V into its cache (one document per row; padding: position -1,
-        segment 0). Any token order: the caches place tokens by position."""
+        segment 0). Any token order: the caches place tokens by position. The prompt's attention
+        is full causal attention, so with a window cache it should fit in the window (stream a
+        longer one through `decode` in chunks)."""
         return self._cached(tokens_BT, positions_BT, segment_ids_BT, caches, prefill=True)
 
     def decode(self, tokens_Bt, positions_Bt, caches):
