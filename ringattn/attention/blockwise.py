@@ -152,8 +152,20 @@ def _switch(state, skip, full, partial, *operands):
     return lax.switch(state, branches, *operands)
 
 
+def _pin_masks(q, qs: Side, ks: Side):
+    """Tie the mask inputs (positions, segment ids) to q through an optimization barrier.
+
+    Under a loop whose body they do not change (a scan over layers: every layer sees the same
+    positions), XLA's loop-invariant code motion would otherwise hoist every tile's mask out of
+    the loop and materialise all of them at once: [tiles, block_q, block_k] for the whole
+    sequence, O(T^2) memory (measured: 270 MiB instead of 42 at T=4096 under a 2-step scan)."""
+    _, qs, ks = lax.optimization_barrier((q, qs, ks))
+    return qs, ks
+
+
 def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, qs: Side, ks: Side, o_BTKGD, lse_BKGT):
     """Continue the softmax state (o, lse) of every query with the keys k/v."""
+    qs, ks = _pin_masks(q_BTKGD, qs, ks)
     bq, bk = cfg.block_q, cfg.block_k
     nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
     acc_dtype = o_BTKGD.dtype
@@ -210,6 +222,7 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKD, do_BTKGD, lse_BKGT, delta_BKG
     `lse` must map -inf (queries that see nothing) to +inf so that their p is 0, not NaN;
     `delta` = rowsum(do * o) - dlse.
     """
+    qs, ks = _pin_masks(q_BTKGD, qs, ks)
     bq, bk = cfg.block_q, cfg.block_k
     nq, nk = q_BTKGD.shape[1] // bq, k_BSKD.shape[1] // bk
     acc_dtype = lse_BKGT.dtype
