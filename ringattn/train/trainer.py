@@ -274,7 +274,10 @@ def dry_run(config):
         "devices": exp.mesh.size,
         "batch_size": config.batch_size,
         "seq_len": seq_len,
-        "tokens_per_device": config.batch_size * seq_len / exp.mesh.size,
+        # Tokens whose activations each device holds: the batch and sequence shards.
+        "tokens_per_device": config.batch_size
+        * seq_len
+        / math.prod(exp.mesh.shape[a] for a in ("data", "fsdp", "context")),
         "compile_s": time.perf_counter() - t0,
         "argument_gib": mem.argument_size_in_bytes / gib,
         "output_gib": mem.output_size_in_bytes / gib,
