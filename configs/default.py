@@ -110,23 +110,7 @@ def get_config(variant=""):
         m.attention = ml_collections.ConfigDict(
             dict(impl="ring", layout="zigzag", axis="context", block_q=1024, block_k=1024)
         )
-        m.rules = (
-            ("layers", None),
-            ("vocab", "tensor"),
-            ("embed", ("fsdp", "context")),
-            ("heads", "tensor"),
-            ("kv_heads", "tensor"),
-            ("head_dim", None),
-            ("mlp", "tensor"),
-            ("norm", None),
-            ("act_batch", ("data", "fsdp")),
-            ("act_length", "context"),
-            ("act_embed", None),
-            ("act_heads", "tensor"),
-            ("act_kv_heads", "tensor"),
-            ("act_mlp", "tensor"),
-            ("act_vocab", "tensor"),
-        )
+        m.rule_overrides = ml_collections.ConfigDict({"embed": ("fsdp", "context")})
     elif variant:
         raise ValueError(f"configs/default.py: unknown variant {variant!r}.")
     return c

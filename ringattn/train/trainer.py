@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ringattn.mesh import local_rows, make_mesh, mesh_axes_for
+from ringattn.mesh import DEFAULT_RULES, local_rows, make_mesh, mesh_axes_for
 from ringattn.nn.config import AttentionConfig, ModelConfig
 from ringattn.nn.model import Transformer
 from ringattn.nn.rope import RopeConfig
@@ -37,8 +37,12 @@ def model_config(cfg) -> ModelConfig:
     fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     fields["rope"] = RopeConfig(**fields.get("rope", {}))
     fields["attention"] = AttentionConfig(**fields.get("attention", {}))
-    if "rules" in fields:
-        fields["rules"] = tuple((name, _axes(axes)) for name, axes in fields["rules"])
+    # `rule_overrides`: logical axis -> mesh axes, replacing those entries of DEFAULT_RULES.
+    overrides = {k: _axes(v) for k, v in dict(fields.pop("rule_overrides", {})).items()}
+    unknown = set(overrides) - {name for name, _ in DEFAULT_RULES}
+    if unknown:
+        raise ValueError(f"model.rule_overrides: unknown logical axes {sorted(unknown)}.")
+    fields["rules"] = tuple((name, overrides.get(name, axes)) for name, axes in DEFAULT_RULES)
     return ModelConfig(**fields)
 
 
