@@ -32,6 +32,7 @@ _SCALINGS = flags.DEFINE_list(
 _SAMPLES = flags.DEFINE_integer("num_samples", 16, "Prompts per (length, depth) cell.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices (default: all).")
+_INT8 = flags.DEFINE_bool("int8", False, "Decode with int8 KV caches.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt seed (evaluation prompts, not training ones).")
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
 
@@ -62,6 +63,7 @@ def main(argv):
         num_samples=_SAMPLES.value,
         batch_size=_BATCH.value,
         seed=_SEED.value,
+        quantize=_INT8.value,
     )
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "needle.json"), "w") as f:

@@ -121,8 +121,10 @@ def prompt_batch(prompts, multiple=1):
 
 def pad_multiple(cfg: ModelConfig, mesh) -> int:
     """What the prompt length must be a multiple of to be laid out over the context axis."""
+    if not shards_cache(cfg, mesh):
+        return 1
     n = num_shards(cfg, mesh)
-    return 2 * n if cfg.attention.layout == "zigzag" and n > 1 else n
+    return 2 * n if cfg.attention.layout == "zigzag" else n  # as layouts.check_layout
 
 
 def prefill(model, params, batch, caches):
