@@ -29,6 +29,7 @@ def get_config(variant=""):
     c.task = "text"
     c.task_params = ml_collections.ConfigDict()  # the standard library's *.py, "train" split
     c.seq_len = 256  # the streaming cache holds this many tokens: positions stay in range
+    c.curriculum = ()  # seq_len throughout
     c.batch_size = 16
     c.learning_rate = 2e-3
     c.warmup_steps = 50

@@ -35,6 +35,11 @@ def kernel_name(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [
         os.environ.get("XLA_FLAGS"),
         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"])))
+    # Notebooks that train shrink to a smoke test (a tiny model, a few steps, a small grid), and
+    # compile with the same cheap LLVM settings as the tests (conftest.py).
+    monkeypatch.setenv("RINGATTN_NOTEBOOK_SMALL", "1")
+    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS"), fast])))
     # The kernel imports this checkout even when the package is not installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -45,7 +50,15 @@ def test_notebooks_found():
     assert NOTEBOOKS, "no notebooks in notebooks/"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# Notebooks that train a model (a few steps under RINGATTN_NOTEBOOK_SMALL, still ~30 s each).
+SLOW = {"needle", "streaming"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS],
+)
 def test_notebook_runs(path, kernel_name):
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (

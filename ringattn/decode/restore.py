@@ -16,8 +16,8 @@ from ringattn.mesh import make_mesh
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.model import Transformer
 from ringattn.train.checkpoint import Checkpointer
-from ringattn.train.state import make_optimizer, state_shardings
-from ringattn.train.trainer import model_config
+from ringattn.train.state import state_shardings
+from ringattn.train.trainer import model_config, optimizer
 
 
 @dataclasses.dataclass
@@ -66,16 +66,7 @@ def load_run(workdir, *, config=None, overrides=None, num_devices=None):
     shape = {axis: 1 if size == -1 else size for axis, size in config.mesh.items()}
     mesh = make_mesh({**shape, "context": -1}, devices)
     cfg = model_config(config.model)
-    tx, _ = make_optimizer(
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.num_train_steps,
-        min_lr_ratio=config.min_lr_ratio,
-        weight_decay=config.weight_decay,
-        b1=config.b1,
-        b2=config.b2,
-        grad_clip=config.grad_clip,
-    )
+    tx, _ = optimizer(config)  # the checkpoint holds the optimizer state too
     abstract, _ = state_shardings(Transformer(cfg, mesh), tx, mesh, cfg.rules)
     ckpt = Checkpointer(workdir, async_save=False)
     try:

@@ -95,19 +95,16 @@ def cache_batch_axes(cfg: ModelConfig, mesh):
     return tuple(a for a in mesh_axes_for(cfg.rules, "act_batch") if mesh.shape[a] > 1) or None
 
 
+def _on_mesh(cfg: ModelConfig, mesh):
+    """Where a sharded cache lives: the mesh, its context axis and the batch axes."""
+    return dict(mesh=mesh, axis_name=cfg.attention.axis, batch_axis=cache_batch_axes(cfg, mesh))
+
+
 def write_cache(cfg: ModelConfig, mesh, cache, k_BtKD, v_BtKD, positions_Bt):
     """The cache with the new tokens written at their positions (padding: position < 0)."""
     if not shards_cache(cfg, mesh):
         return cache_lib.update(cache, k_BtKD, v_BtKD, positions_Bt)
-    return sharded.update_on_mesh(
-        cache,
-        k_BtKD,
-        v_BtKD,
-        positions_Bt,
-        mesh=mesh,
-        axis_name=cfg.attention.axis,
-        batch_axis=cache_batch_axes(cfg, mesh),
-    )
+    return sharded.update_on_mesh(cache, k_BtKD, v_BtKD, positions_Bt, **_on_mesh(cfg, mesh))
 
 
 def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope):
@@ -115,15 +112,7 @@ def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope):
     its shard of the cache, merged through lse (the cache never moves)."""
     if not shards_cache(cfg, mesh):
         return attend_lib.attend(q_BtHD, positions_Bt, cache, rope=rope)
-    return sharded.attend_on_mesh(
-        q_BtHD,
-        positions_Bt,
-        cache,
-        mesh=mesh,
-        axis_name=cfg.attention.axis,
-        batch_axis=cache_batch_axes(cfg, mesh),
-        rope=rope,
-    )
+    return sharded.attend_on_mesh(q_BtHD, positions_Bt, cache, rope=rope, **_on_mesh(cfg, mesh))
 
 
 class Attention(nn.Module):

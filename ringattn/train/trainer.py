@@ -57,6 +57,20 @@ def curriculum(config):
     return ((0, int(config.seq_len)),)
 
 
+def optimizer(config):
+    """(optax transformation, learning-rate schedule) of a config's optimizer fields."""
+    return make_optimizer(
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.num_train_steps,
+        min_lr_ratio=config.min_lr_ratio,
+        weight_decay=config.weight_decay,
+        b1=config.b1,
+        b2=config.b2,
+        grad_clip=config.grad_clip,
+    )
+
+
 class Experiment:
     """Everything a run (or a dry run) builds from its config, before any step."""
 
@@ -65,16 +79,7 @@ class Experiment:
         self.mesh = make_mesh(dict(config.mesh))
         self.model_cfg = model_config(config.model)
         self.model = Transformer(self.model_cfg, self.mesh)
-        self.tx, self.schedule = make_optimizer(
-            learning_rate=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            total_steps=config.num_train_steps,
-            min_lr_ratio=config.min_lr_ratio,
-            weight_decay=config.weight_decay,
-            b1=config.b1,
-            b2=config.b2,
-            grad_clip=config.grad_clip,
-        )
+        self.tx, self.schedule = optimizer(config)
         rules = self.model_cfg.rules
         self.abstract_state, self.state_shardings = state_shardings(
             self.model, self.tx, self.mesh, rules

@@ -190,3 +190,15 @@ def test_decoding_rejects_scanned_model_and_wrong_cache_count():
     mesh = make_mesh(dict(context=4), jax.devices()[:4])
     with pytest.raises(ValueError, match="multiple of the 4 shards"):
         gen.init_caches(RING, gen.CacheSpec("window", window=6), B, mesh)
+
+
+def test_prompt_padding_follows_the_layout():
+    one = make_mesh(dict(context=1), jax.devices()[:1])
+    assert gen.pad_multiple(RING, one) == 2  # zigzag over 1 shard: 2 chunks
+    assert gen.pad_multiple(RING, make_mesh(dict(context=4), jax.devices()[:4])) == 8
+    assert gen.pad_multiple(CFG, None) == 1
+    batch = gen.prompt_batch([np.arange(1, 6), np.arange(1, 3)], 4)
+    np.testing.assert_array_equal(
+        batch["positions"], [[0, 1, 2, 3, 4, -1, -1, -1], [0, 1] + [-1] * 6]
+    )
+    np.testing.assert_array_equal(batch["lengths"], [5, 2])

@@ -62,6 +62,7 @@ def test_generate_script(passkey_run):
     assert "tokens/s" in out
 
 
+@pytest.mark.slow
 def test_needle_script(passkey_run, tmp_path):
     run_script(
         "needle",
@@ -69,18 +70,14 @@ def test_needle_script(passkey_run, tmp_path):
         f"--out={tmp_path}",
         "--lengths=128,256",
         "--depths=0,0.5,1",
-        "--rope_scaling=none,yarn",
+        "--rope_scaling=yarn",
         "--num_samples=2",
     )
     rows = json.loads((tmp_path / "needle.json").read_text())
-    assert len(rows) == 2 * 2 * 3
-    assert {(r["rope_scaling"], r["length"]) for r in rows} == {
-        (s, n) for s in ("none", "yarn") for n in (128, 256)
-    }
+    assert [(r["rope_scaling"], r["length"], r["depth"]) for r in rows] == [
+        ("yarn", n, d) for n in (128, 256) for d in (0.0, 0.5, 1.0)
+    ]
     assert all(r["accuracy"] in (0.0, 0.5, 1.0) and r["num_samples"] == 2 for r in rows)
-    # At the training length every scaling is the identity: one measurement, shared.
-    at_train = {r["depth"]: r["accuracy"] for r in rows if r["length"] == 128}
-    assert all(at_train[r["depth"]] == r["accuracy"] for r in rows if r["length"] == 128)
     assert (tmp_path / "needle.png").stat().st_size > 1000
 
 
@@ -88,6 +85,7 @@ def test_streaming_config_parses():
     for variant in ("", "test"):
         c = streaming_config.get_config(variant)
         assert c.task == "text" and trainer.model_config(c.model).attention.impl == "dense"
+        assert trainer.curriculum(c) == ((0, c.seq_len),)
     with pytest.raises(ValueError, match="unknown variant"):
         streaming_config.get_config("huge")
 
@@ -99,6 +97,7 @@ def test_rope_scaling_factor():
     assert needle.with_rope_scaling(model_cfg, "none", 512, 128).rope.factor == 1.0
 
 
+@pytest.mark.slow
 def test_streaming_script(passkey_run, tmp_path):
     """One layer: the window-only cache is exactly the sliding window recomputed (cached K/V of
     one layer do not depend on the context); sinks change the result."""
@@ -126,6 +125,7 @@ def test_streaming_script(passkey_run, tmp_path):
     assert (tmp_path / "streaming.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_decode_benchmark_script(tmp_path):
     out_path = tmp_path / "decode.json"
     run_script(
