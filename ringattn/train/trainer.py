@@ -90,6 +90,11 @@ class Experiment:
         for _, seq_len in curriculum(config):
             check_layout("train", self.layout, seq_len, self.num_shards, "seq_len")
         self.data_sharding = batch_sharding(self.mesh, mesh_axes_for(rules, "act_batch"), axis)
+        # The batch rows this process feeds (its devices' shards only), and where each sits in
+        # this process's numpy batch: fixed for the run, so computed once, not per step.
+        self.rows = local_rows(self.data_sharding, (config.batch_size, self.num_shards))
+        self._row_index = {int(r): i for i, r in enumerate(self.rows)}
+        self._perms = {}  # seq_len -> the layout's token order
         self.train_step = jit_train_step(
             self.model, self.tx, self.state_shardings, self.data_sharding, self.mesh
         )
@@ -97,21 +102,18 @@ class Experiment:
             self.model, self.state_shardings.params, self.data_sharding, self.mesh
         )
 
-    def rows(self):
-        """The batch rows this process feeds (its devices' shards only)."""
-        return local_rows(self.data_sharding, (self.config.batch_size, self.num_shards))
-
     def iterator(self, seed, schedule):
         params = dict(self.config.task_params)
         return data_lib.DataIterator(
-            self.config.task, self.config.batch_size, seed, schedule, params, rows=self.rows()
+            self.config.task, self.config.batch_size, seed, schedule, params, rows=self.rows
         )
 
     def to_device(self, batch):
         """Numpy rows of this process -> global arrays in the layout's token order."""
         b, t = self.config.batch_size, batch["inputs"].shape[1]
-        perm = np.asarray(layout_positions(self.layout, t, self.num_shards))
-        where = {r: i for i, r in enumerate(self.rows())}
+        if t not in self._perms:
+            self._perms[t] = np.asarray(layout_positions(self.layout, t, self.num_shards))
+        perm, where = self._perms[t], self._row_index
 
         def put(x):
             x = x[:, perm]
