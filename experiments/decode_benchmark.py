@@ -42,7 +42,7 @@ def main(argv):
     import jax
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
-    from ringattn.decode import bench
+    from ringattn.evals import bench
 
     model_cfg, params = bench.model_and_params(_WORKDIR.value, _CONFIG.value)
     rows = []

@@ -39,8 +39,8 @@ def main(argv):
     import jax
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
-    from ringattn.decode import generate as gen
-    from ringattn.decode.restore import load_run
+    from ringattn.evals import generate as gen
+    from ringattn.evals.restore import load_run
     from ringattn.train import data as data_lib
 
     if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):

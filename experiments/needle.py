@@ -42,8 +42,8 @@ def main(argv):
     import jax
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
-    from ringattn.decode import needle
-    from ringattn.decode.restore import load_run
+    from ringattn.evals import needle
+    from ringattn.evals.restore import load_run
     from ringattn.train.trainer import curriculum
 
     if not (_WORKDIR.value and _OUT.value):

@@ -35,8 +35,8 @@ def main(argv):
     import numpy as np
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
-    from ringattn.decode import streaming
-    from ringattn.decode.restore import load_run
+    from ringattn.evals import streaming
+    from ringattn.evals.restore import load_run
     from ringattn.train import data as data_lib
     from ringattn.train.trainer import curriculum
 

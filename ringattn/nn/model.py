@@ -124,7 +124,7 @@ class Transformer(nn.Module):
         if self.cfg.scan_layers or self.cfg.remat != "none":
             raise ValueError(
                 "Transformer: decoding runs the layers in a loop without remat; build the model "
-                "with scan_layers=False, remat='none' (ringattn.decode.generate.decoding_model "
+                "with scan_layers=False, remat='none' (ringattn.evals.generate.decoding_model "
                 f"does), got scan_layers={self.cfg.scan_layers}, remat={self.cfg.remat!r}."
             )
         if len(caches) != self.cfg.num_layers:

@@ -1,7 +1,7 @@
 """The training loop: config -> mesh -> data (in the layout) -> model -> step -> checkpoints.
 
 Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else a fresh state.
-The config is written to `<workdir>/config.json` (ringattn/decode/restore.py reads it back).
+The config is written to `<workdir>/config.json` (ringattn/evals/restore.py reads it back).
 A resumed run continues exactly (same batches, same losses) because the data iterator's state is
 saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
 """

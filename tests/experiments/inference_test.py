@@ -15,7 +15,7 @@ from absl import flags
 
 from configs import default
 from configs import streaming as streaming_config
-from ringattn.decode import needle
+from ringattn.evals import needle
 from ringattn.train import trainer
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")

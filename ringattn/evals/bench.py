@@ -12,17 +12,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ringattn.decode import cache as cache_lib
-from ringattn.decode import generate as gen
+from ringattn.evals import generate as gen
+from ringattn.evals.restore import load_run
 from ringattn.mesh import make_mesh
 from ringattn.nn.config import AttentionConfig, ModelConfig
 from ringattn.nn.model import Transformer
+from ringattn.train.trainer import model_config
 
 
 def model_and_params(workdir=None, config=None):
     """(ModelConfig, params) of a trained run, or of `config`'s model at random."""
-    from ringattn.decode.restore import load_run
-    from ringattn.train.trainer import model_config
-
     if workdir:
         run = load_run(workdir, num_devices=1)
         return run.model_cfg, gen.decoding_params(run.model_cfg, run.params)

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from ringattn.decode import generate as gen
+from ringattn.evals import generate as gen
 from ringattn.nn.config import ModelConfig
 from ringattn.train import data as data_lib
 

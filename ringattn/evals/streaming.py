@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ringattn.decode import generate as gen
+from ringattn.evals import generate as gen
 from ringattn.nn.model import Transformer
 from ringattn.nn.rope import apply_rope
 

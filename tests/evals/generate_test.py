@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ringattn.decode import generate as gen
+from ringattn.evals import generate as gen
 from ringattn.mesh import make_mesh
 from ringattn.nn.config import AttentionConfig, ModelConfig
 from ringattn.nn.model import Transformer
