@@ -4,10 +4,11 @@ attention sinks (experiments/streaming.py): small enough to train in about 10 mi
   python experiments/train.py --workdir=/tmp/stream_lm --config=configs/streaming.py
   python experiments/streaming.py --workdir=/tmp/stream_lm --out=/tmp/streaming
 
-Every field not set here is configs/default.py's (documented there). Variants: "" and "test"
-(tiny and fast, for the tests). Data parallel over every device with dense attention: at 256
-tokens context parallelism buys nothing, and the inference side does not depend on how the model
-was trained.
+Every document begins with BOS (task_params.bos): the model learns to use it as an attention sink,
+which a streaming cache then keeps. Every field not set here is configs/default.py's (documented
+there). Variants: "" and "test" (tiny and fast, for the tests). Data parallel over every device
+with dense attention: at 256 tokens context parallelism buys nothing, and the inference side does
+not depend on how the model was trained.
 """
 
 import importlib.util
@@ -27,7 +28,9 @@ def _default_config():
 def get_config(variant=""):
     c = _default_config()
     c.task = "text"
-    c.task_params = ml_collections.ConfigDict()  # the standard library's *.py, "train" split
+    # The standard library's *.py, "train" split. bos: every document starts with BOS, the sink
+    # token StreamingLLM prepends to every training sample (give text_stream bos=True too).
+    c.task_params = ml_collections.ConfigDict({"bos": True})
     c.seq_len = 256  # the streaming cache holds this many tokens: positions stay in range
     c.curriculum = ()  # seq_len throughout
     c.batch_size = 16
