@@ -3,10 +3,16 @@
   python experiments/train.py --workdir=/tmp/passkey                       # 256 tokens
   python experiments/train.py --workdir=/tmp/passkey_long --config=configs/default.py:long
   python experiments/train.py --workdir=/tmp/x --config=configs/default.py:7b_1m --dry_run
+  python experiments/train.py --workdir=/tmp/passkey_yarn --config=configs/default.py:extend \
+      --config.init_from=/tmp/passkey --config.model.rope.scaling=yarn
+  python experiments/train.py --workdir=/tmp/x --config=configs/default.py:llama3_8b_128k --dry_run
 
 Variants (`--config=configs/default.py:<variant>`): "" (default), "long" (128 -> 256 -> 512 -> 1024
 token curriculum), "test" (tiny and fast, for the tests), "text" (byte-level LM on local Python
-sources), "7b_1m" (a Llama-2-7B shape at 1M tokens on a 256-device mesh: for --dry_run).
+sources), "7b_1m" (a Llama-2-7B shape at 1M tokens on a 256-device mesh: for --dry_run),
+"extend" (the default passkey model, given by --config.init_from, fine-tuned at 1024 tokens with
+the RoPE scaling that --config.model.rope.scaling names), "llama3_8b_128k" (Llama 3.1 8B at 128K
+tokens on 32 devices: fine-tuning a checkpoint imported by experiments/import_hf.py, or --dry_run).
 Any field can be overridden: --config.num_train_steps=100 --config.model.attention.impl=dense.
 """
 
@@ -31,6 +37,9 @@ def get_config(variant=""):
     c.weight_decay = 0.1
     c.b1, c.b2 = 0.9, 0.98
     c.grad_clip = 1.0
+    # A run directory (ours, or one written by experiments/import_hf.py) to start from: its newest
+    # parameters, its model shape; a fresh optimizer at step 0 (ringattn/train/rundir.py). "": none.
+    c.init_from = ""
     c.num_train_steps = 700
     # Logging, evaluation (exact-match accuracy on held-out batches), checkpoints.
     c.log_every_steps = 10
@@ -51,6 +60,7 @@ def get_config(variant=""):
     m.mlp_dim = 512
     m.mlp_chunk_size = 0
     m.tie_embeddings = True
+    m.scale_tied_logits = True  # tied logits / sqrt(d_model) (ours); Hugging Face's: False
     m.remat = "none"
     m.scan_layers = False
     m.dtype = "float32"
@@ -107,6 +117,44 @@ def get_config(variant=""):
         m.scan_layers = True
         m.mlp_chunk_size = 4096
         m.rope.theta = 500_000.0
+        m.attention = ml_collections.ConfigDict(
+            dict(impl="ring", layout="zigzag", axis="context", block_q=1024, block_k=1024)
+        )
+        m.rule_overrides = ml_collections.ConfigDict({"embed": ("fsdp", "context")})
+    elif variant == "extend":
+        # Context extension: 256 -> 1024 tokens (4x), from the default model's parameters.
+        c.seq_len = 1024
+        c.curriculum = ()
+        c.batch_size = 8
+        c.num_train_steps = 200  # ~13 min on the shared 2-core machine
+        c.learning_rate = 5e-4
+        c.warmup_steps = 20
+        c.eval_every_steps = 50
+        c.checkpoint_every_steps = 50
+        m.rope.factor = 4.0
+        m.rope.original_len = 256  # the default model's training length
+    elif variant == "llama3_8b_128k":
+        # Llama 3.1 8B (as imported: 128256 vocabulary, 32 layers, d 4096, 32 heads / 8 KV heads,
+        # SwiGLU 14336, llama3 RoPE scaling) at 128K tokens on 32 devices: 8-way tensor (a node),
+        # 4-way context; weights and optimizer state also sharded over context, like 7b_1m.
+        c.batch_size = 1
+        c.seq_len = 1 << 17
+        c.curriculum = ()
+        c.learning_rate = 1e-5
+        c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=8, context=4))
+        m.vocab_size = 128_256
+        m.num_layers, m.d_model, m.mlp_dim = 32, 4096, 14336
+        m.num_heads, m.num_kv_heads, m.head_dim = 32, 8, 128
+        m.tie_embeddings = False
+        m.norm_eps = 1e-5
+        m.dtype = "bfloat16"  # float32 master weights (param_dtype): the imported bf16 are cast
+        m.remat = "full"
+        m.scan_layers = True
+        m.mlp_chunk_size = 4096
+        m.rope = ml_collections.ConfigDict(
+            dict(theta=500_000.0, scaling="llama3", factor=8.0, original_len=8192)
+        )
+        m.rope.low_freq_factor, m.rope.high_freq_factor = 1.0, 4.0
         m.attention = ml_collections.ConfigDict(
             dict(impl="ring", layout="zigzag", axis="context", block_q=1024, block_k=1024)
         )

@@ -37,6 +37,9 @@ class ModelConfig:
     mlp_dim: int = 512
     mlp_chunk_size: int = 0  # > 0: SwiGLU over the sequence this many tokens at a time
     tie_embeddings: bool = True
+    # Tied logits: x @ embedding^T / sqrt(d_model) (our unit-variance table, scaled like an untied
+    # projection) when True; x @ embedding^T as is (Hugging Face's Llama) when False.
+    scale_tied_logits: bool = True
     remat: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = False  # one compiled layer body for all layers (fast compiles)
     dtype: str = "float32"  # activations

@@ -96,8 +96,10 @@ class Transformer(nn.Module):
     def logits(self, x_BTE):
         x_BTE = self.final_norm(x_BTE)
         if self.cfg.tie_embeddings:
-            # Tied: scale like an untied lecun-normal projection (the table has unit variance).
-            w_EV = self.embedding.T / jnp.sqrt(self.cfg.d_model).astype(self.embedding.dtype)
+            # Tied: scale like an untied lecun-normal projection (the table has unit variance),
+            # unless the model is Hugging Face's (scale_tied_logits=False).
+            scale = jnp.sqrt(self.cfg.d_model) if self.cfg.scale_tied_logits else 1.0
+            w_EV = self.embedding.T / jnp.asarray(scale, self.embedding.dtype)
         else:
             w_EV = self.unembedding
         logits = jnp.einsum("bte,ev->btv", x_BTE, w_EV.astype(self.cfg.dtype))

@@ -10,7 +10,8 @@ the per-dimension inverse frequencies (and, for YaRN, the attention temperature)
   is interpolated by `factor` while the highest is left nearly untouched.
 - "yarn": YaRN (Peng et al. 2023, eq. 18-20): dimensions that rotate more than `beta_fast` times
   over the original context keep their frequency, those rotating fewer than `beta_slow` times are
-  interpolated by `factor`, a linear ramp in between; cos/sin scaled by 0.1 ln(factor) + 1.
+  interpolated by `factor`, a linear ramp in between; cos/sin scaled by 0.1 ln(factor) + 1
+  (or a given `attention_factor`, as Hugging Face configs may set).
 - "llama3": Llama 3.1's rule: wavelengths shorter than original_len / high_freq_factor kept,
   longer than original_len / low_freq_factor divided by `factor`, smooth interpolation between.
 """
@@ -34,6 +35,7 @@ class RopeConfig:
     original_len: int = 8192  # the context length the model was trained at (yarn, llama3)
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn: the cos/sin scale; 0: YaRN's 0.1 ln(factor) + 1
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
 
@@ -68,7 +70,8 @@ def inverse_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[np.ndarray, flo
         high = max(high, low + 1e-3)  # avoid 0 / 0 when the range is empty
         ramp = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)
         inv_freq = inv_freq * (1 - ramp) + inv_freq / f * ramp
-        return inv_freq, (0.1 * math.log(f) + 1.0) if f > 1 else 1.0
+        default = (0.1 * math.log(f) + 1.0) if f > 1 else 1.0
+        return inv_freq, cfg.attention_factor or default
     if cfg.scaling == "llama3":
         wavelength = 2 * math.pi / inv_freq
         short = cfg.original_len / cfg.high_freq_factor

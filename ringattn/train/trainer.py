@@ -1,6 +1,8 @@
 """The training loop: config -> mesh -> data (in the layout) -> model -> step -> checkpoints.
 
-Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else a fresh state.
+Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else the parameters of
+`config.init_from`'s run with a fresh optimizer at step 0 (ringattn/train/rundir.py), else a fresh
+state.
 The config is written to `<workdir>/config.json` (ringattn/evals/restore.py reads it back).
 A resumed run continues exactly (same batches, same losses) because the data iterator's state is
 saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
@@ -25,6 +27,7 @@ from ringattn.nn.model import Transformer
 from ringattn.nn.rope import RopeConfig
 from ringattn.parallel.layouts import check_layout, layout_positions
 from ringattn.train import data as data_lib
+from ringattn.train import rundir
 from ringattn.train.checkpoint import Checkpointer
 from ringattn.train.state import init_state, make_optimizer, state_shardings
 from ringattn.train.step import batch_sharding, jit_eval_step, jit_train_step
@@ -189,6 +192,7 @@ def evaluate(exp: Experiment, params, seq_len):
 def train_and_evaluate(config, workdir):
     """Train (or resume) the experiment `config` in `workdir`; returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
+    config = rundir.with_init_from(config)  # the model's shape from init_from's run
     exp = Experiment(config)
     if jax.process_index() == 0:  # what generate/needle rebuild the model from
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -196,7 +200,9 @@ def train_and_evaluate(config, workdir):
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     train_it = exp.iterator(config.seed, curriculum(config))
     restored = ckpt.restore_latest(exp.abstract_state)
-    if restored is None:
+    if restored is None and config.get("init_from"):
+        state, step = rundir.state_from_run(config.init_from, exp.abstract_state, exp.tx), 0
+    elif restored is None:
         state = init_state(
             exp.model, exp.tx, exp.mesh, exp.model_cfg.rules, jax.random.key(config.seed)
         )

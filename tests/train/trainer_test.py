@@ -23,14 +23,16 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("variant", ["", "long", "test", "text", "7b_1m"])
+@pytest.mark.parametrize(
+    "variant", ["", "long", "test", "text", "7b_1m", "extend", "llama3_8b_128k"]
+)
 def test_config_variants_parse(variant):
     c = default.get_config(variant)
     cfg = trainer.model_config(c.model)
     assert cfg.num_heads % cfg.num_kv_heads == 0
     schedule = trainer.curriculum(c)
     assert schedule[0][0] == 0
-    devices = 256 if variant == "7b_1m" else 8
+    devices = {"7b_1m": 256, "llama3_8b_128k": 32}.get(variant, 8)
     sizes = mesh_shape(dict(c.mesh), devices)
     for _, seq_len in schedule:
         assert seq_len % (2 * sizes["context"]) == 0  # zigzag needs 2n chunks
@@ -38,7 +40,7 @@ def test_config_variants_parse(variant):
         default.get_config("huge")
 
 
-def test_default_config_trains(tmp_path):
+def test_default_config_trains(tmp_path, read_tensorboard):
     c = default.get_config()
     c.num_train_steps, c.eval_every_steps, c.eval_batches, c.log_every_steps = 2, 2, 1, 1
     c.batch_size = 8
@@ -48,6 +50,11 @@ def test_default_config_trains(tmp_path):
     assert rows[0]["train/loss"] > 4.0  # ~ln(256) at the start
     assert 0.0 <= last["eval/accuracy"] <= 1.0 and last["tokens_per_s"] > 0
     assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    # The same scalars in TensorBoard's event file, at their steps (stored as float32).
+    for tag, steps in (("train/loss", [1, 2]), ("eval/accuracy", [2]), ("learning_rate", [1, 2])):
+        written, _ = read_tensorboard(tmp_path / "tensorboard", tag)
+        want = [(r["step"], np.float32(r[tag])) for r in rows if r["step"] in steps]
+        assert written == want, tag
 
 
 def small_config(steps=10):
@@ -58,7 +65,7 @@ def small_config(steps=10):
     return c
 
 
-def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path):
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path, read_tensorboard):
     c = small_config()
     full = tmp_path / "full"
     trainer.train_and_evaluate(c, str(full))
@@ -85,6 +92,10 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path):
     got = [r["train/loss"] for r in read_metrics(work)]
     assert [r["step"] for r in read_metrics(work)] == list(range(1, c.num_train_steps + 1))
     assert got == want  # bit-identical
+    # TensorBoard: the resumed run's new event file holds only the steps after the checkpoint.
+    written, _ = read_tensorboard(work / "tensorboard", "train/loss")
+    assert written == [(i + 1, np.float32(loss)) for i, loss in enumerate(want)]
+    assert len(os.listdir(work / "tensorboard")) == 2
 
 
 def test_unreadable_latest_checkpoint_falls_back(tmp_path, capsys):
