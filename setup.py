@@ -22,11 +22,16 @@ setup(
         "ml-collections",
         "matplotlib",
         "numpy",
+        # Hugging Face checkpoints (ringattn/hf/): read and written through its numpy API.
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "nbformat", "nbclient", "ipykernel", "ruff"],
         # The original Ring Attention (Liu et al.), compared against in experiments/benchmark.py.
         "bench": ["ringattention==0.1.2", "einops"],
         "notebooks": ["jupyter", "ipykernel"],
+        # Parity tests against Hugging Face transformers (tests/hf/). Keep this torch pin: here
+        # and in CI it is a CPU build already on disk; another pin downloads a multi-GB CUDA one.
+        "hf": ["torch==2.13.0", "transformers"],
     },
 )

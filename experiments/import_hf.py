@@ -1,0 +1,54 @@
+"""Import a Hugging Face Llama / Mistral checkpoint as a run directory.
+
+  python experiments/import_hf.py --hf_dir=~/Llama-3.1-8B --workdir=/tmp/llama31_8b \
+      --config=configs/default.py:llama3_8b_128k
+  python experiments/generate.py --workdir=/tmp/llama31_8b ...          # loads like a trained run
+  python experiments/train.py --workdir=/tmp/ft --config=configs/default.py:llama3_8b_128k \
+      --config.init_from=/tmp/llama31_8b
+
+--hf_dir holds config.json and model.safetensors (or model.safetensors.index.json and its
+shards). The run's config is --config with the HF model's fields; weights keep their dtype and go
+tensor by tensor into shards over all devices (no device and no host holds the whole model).
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to write.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"),
+    "The training config the run gets (mesh, task, attention); its model is replaced.",
+    lock_config=True,
+)
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", None, "Cast the weights (default: keep).")
+_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+    from ringattn.hf.convert import import_checkpoint
+
+    if not (_HF_DIR.value and _WORKDIR.value):
+        raise app.UsageError("--hf_dir and --workdir are required.")
+    config = import_checkpoint(
+        os.path.expanduser(_HF_DIR.value),
+        os.path.expanduser(_WORKDIR.value),
+        _CONFIG.value,
+        param_dtype=_PARAM_DTYPE.value,
+    )
+    m = config.model
+    print(
+        f"imported {m.num_layers} layers, d {m.d_model}, {m.num_heads}/{m.num_kv_heads} heads, "
+        f"vocabulary {m.vocab_size}, {m.param_dtype}, RoPE {m.rope.scaling} -> {_WORKDIR.value}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
