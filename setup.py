@@ -20,6 +20,7 @@ setup(
         "chex",
         "absl-py",
         "ml-collections",
+        "tensorboardX",  # training metrics as TensorBoard event files, without TensorFlow.
         "matplotlib",
         "numpy",
         # Hugging Face checkpoints (ringattn/hf/): read and written through its numpy API.

@@ -3,14 +3,14 @@
 Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else the parameters of
 `config.init_from`'s run with a fresh optimizer at step 0 (ringattn/train/rundir.py), else a fresh
 state.
-The config is written to `<workdir>/config.json` (ringattn/evals/restore.py reads it back).
+The config is written to `<workdir>/config.json` (ringattn/evals/restore.py reads it back),
+metrics to `<workdir>/metrics.jsonl` and TensorBoard event files in `<workdir>/tensorboard/`.
 A resumed run continues exactly (same batches, same losses) because the data iterator's state is
 saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -29,6 +29,7 @@ from ringattn.parallel.layouts import check_layout, layout_positions
 from ringattn.train import data as data_lib
 from ringattn.train import rundir
 from ringattn.train.checkpoint import Checkpointer
+from ringattn.train.metrics import MetricsWriter, progress_line
 from ringattn.train.state import init_state, make_optimizer, state_shardings
 from ringattn.train.step import batch_sharding, jit_eval_step, jit_train_step
 
@@ -153,25 +154,6 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class MetricsWriter:
-    """One JSON object per line in `<workdir>/metrics.jsonl` (process 0 only). On resume, lines
-    of steps after the restored checkpoint (written before a crash) are dropped first."""
-
-    def __init__(self, workdir, resumed_step):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
-        if self.enabled and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if json.loads(line)["step"] <= resumed_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-
-    def write(self, record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def _scalar(x):
     return float(np.asarray(x.addressable_data(0)))
 
@@ -245,7 +227,7 @@ def train_and_evaluate(config, workdir):
                 tick = time.perf_counter()  # evaluation time is not training time
             if record is not None:
                 writer.write(record)
-                print(_progress_line(record), flush=True)
+                print(progress_line(record), flush=True)
                 last = record
             if step % config.checkpoint_every_steps == 0 or stop.requested:
                 ckpt.save(step, state, train_it.get_state())
@@ -256,23 +238,9 @@ def train_and_evaluate(config, workdir):
             ckpt.save(step, state, train_it.get_state())
     finally:
         ckpt.close()
+        writer.close()
         stop.restore()
     return last
-
-
-def _progress_line(r):
-    parts = [f"step {r['step']:6d}"]
-    if "train/loss" in r:
-        parts += [
-            f"loss {r['train/loss']:.4f}",
-            f"acc {r['train/accuracy']:.3f}",
-            f"T {r['seq_len']}",
-            f"{r['tokens_per_s']:,.0f} tok/s",
-            f"{r['step_time_s'] * 1e3:.0f} ms/step",
-        ]
-    if "eval/accuracy" in r:
-        parts += [f"eval loss {r['eval/loss']:.4f}", f"eval acc {r['eval/accuracy']:.3f}"]
-    return " | ".join(parts)
 
 
 def dry_run(config):

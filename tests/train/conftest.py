@@ -1,9 +1,14 @@
-"""Helpers the data tests share, taken as a fixture (test modules do not import conftest)."""
+"""Helpers the train tests share, taken as fixtures (test modules do not import conftest): batch
+rows and their documents, and a reader of TensorBoard event files."""
 
+import glob
+import os
+import struct
 import types
 
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 
 def segments(row):
@@ -21,3 +26,35 @@ def row_of(batch, b):
 @pytest.fixture(scope="session")
 def rows():
     return types.SimpleNamespace(segments=segments, row_of=row_of)
+
+
+def tensorboard_scalars(logdir, tag):
+    """([(step, value)] of `tag` as written, files in name order as TensorBoard reads them, and
+    the same as TensorBoard shows it: a SessionLog.START at step s drops the points read before
+    at steps >= s)."""
+    written, shown = [], []
+    for path in sorted(glob.glob(os.path.join(logdir, "*tfevents*"))):
+        for event in _events(path):
+            if event.session_log.status == event_pb2.SessionLog.START:
+                shown = [(s, v) for s, v in shown if s < event.step]
+            for value in event.summary.value:
+                if value.tag == tag:
+                    written.append((event.step, value.simple_value))
+                    shown.append(written[-1])
+    return written, shown
+
+
+def _events(path):
+    """The Events of a TFRecord file: records of length (8 bytes), its crc (4), data, crc (4)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    at = 0
+    while at < len(raw):
+        (length,) = struct.unpack("<Q", raw[at : at + 8])
+        yield event_pb2.Event.FromString(raw[at + 12 : at + 12 + length])
+        at += 12 + length + 4
+
+
+@pytest.fixture(scope="session")
+def read_tensorboard():
+    return tensorboard_scalars
