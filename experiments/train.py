@@ -7,13 +7,17 @@
 Rerunning a command resumes from the newest checkpoint in --workdir. Multi-host: pass
 --coordinator_address, --num_processes and --process_id on every host (or none of them where
 JAX detects the cluster itself, e.g. SLURM, TPU pods).
+
+Output: progress and evaluation lines, and warnings; libraries' INFO logs (Orbax's ~60 lines per
+checkpoint, JAX's backend probe) only with absl's `-v 0` (`--verbosity=0`). Metrics also go to
+<workdir>/metrics.jsonl and <workdir>/tensorboard/ (`tensorboard --logdir=<workdir>`).
 """
 
 import json
 import math
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,7 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file, optionally with a variant: configs/default.py:long.",
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl go here.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics.jsonl and tensorboard/ go here."
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile one train step on simulated CPU devices and print per-device memory."
 )
@@ -36,6 +42,9 @@ _CPU_DEVICES = flags.DEFINE_integer(
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # absl lowers an unset --verbosity to INFO once flags are parsed: keep warnings only.
+        logging.set_verbosity(logging.WARNING)
     import jax  # after flag parsing: the device count must be set before JAX's backend starts
 
     config = _CONFIG.value
