@@ -145,7 +145,10 @@ class Checkpoint:
             with safe_open(os.path.join(directory, SINGLE), framework="numpy") as f:
                 weight_map = {name: SINGLE for name in f.keys()}
         else:
-            raise FileNotFoundError(f"Checkpoint: neither {SINGLE} nor {INDEX} in {directory}.")
+            raise FileNotFoundError(
+                f"Checkpoint: neither {SINGLE} nor {INDEX} in {directory} (we read safetensors "
+                "only: convert a pytorch_model.bin checkpoint with transformers first)."
+            )
         self.directory, self.weight_map, self._files = directory, weight_map, {}
 
     def names(self):
