@@ -43,7 +43,7 @@ _CPU_DEVICES = flags.DEFINE_integer(
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
-        # absl lowers an unset --verbosity to INFO once flags are parsed: keep warnings only.
+        # absl sets an unset --verbosity to 0 (INFO) once flags are parsed: keep warnings only.
         logging.set_verbosity(logging.WARNING)
     import jax  # after flag parsing: the device count must be set before JAX's backend starts
 
