@@ -10,7 +10,7 @@ with --config.init_from). Our own tied models are written untied (HF's tied logi
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory (trained or imported).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face checkpoint directory to write.")
@@ -21,6 +21,8 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators

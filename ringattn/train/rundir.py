@@ -134,11 +134,16 @@ def _to_dict(config):
     return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
 
 
+class _Default:
+    def __repr__(self):
+        return "(unset: the default)"
+
+
 def _diff(before, after, prefix=""):
     """{dotted key: (before, after)} where two nested dicts differ."""
     out = {}
     for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
+        a, b = before.get(key, _Default()), after.get(key, _Default())
         if isinstance(a, dict) and isinstance(b, dict):
             out.update(_diff(a, b, f"{prefix}{key}."))
         elif a != b:
