@@ -57,6 +57,7 @@ def get_config(variant=""):
     m.num_heads = 4
     m.num_kv_heads = 4
     m.head_dim = 32
+    m.v_head_dim = 0  # values' own head dim (MLA-style); 0: head_dim
     m.mlp_dim = 512
     m.mlp_chunk_size = 0
     m.tie_embeddings = True
@@ -69,6 +70,13 @@ def get_config(variant=""):
     m.attention = ml_collections.ConfigDict(
         dict(impl="ring", layout="zigzag", axis="context", block_q=128, block_k=128)
     )
+    # Variants: logit soft cap c (c tanh(s / c); 0: none), a learned sink logit per head and
+    # layer, and local layers: each query sees the last `sliding_window` tokens (0: none), every
+    # layer (global_every = 0, Mistral) or all but every global_every-th (Gemma 2: 2).
+    m.attention.logits_soft_cap = 0.0
+    m.attention.sinks = False
+    m.attention.sliding_window = 0
+    m.attention.global_every = 0
 
     if variant == "long":
         c.curriculum = ((0, 128), (300, 256), (700, 512), (1000, 1024))

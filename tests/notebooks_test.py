@@ -27,22 +27,36 @@ def kernel_name(tmp_path, monkeypatch):
         "language": "python",
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
-        [str(tmp_path / "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
+    monkeypatch.setenv(
+        "JUPYTER_PATH",
+        os.pathsep.join(
+            [str(tmp_path / "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])]
+        ),
+    )
     # Notebooks that train shrink to a smoke test (a tiny model, a few steps, a small grid), and
     # compile with the same cheap LLVM settings as the tests (conftest.py).
     monkeypatch.setenv("RINGATTN_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [
-        os.environ.get("XLA_FLAGS"),
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"])))
+    monkeypatch.setenv(
+        "XLA_FLAGS",
+        " ".join(
+            filter(
+                None,
+                [
+                    os.environ.get("XLA_FLAGS"),
+                    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+                ],
+            )
+        ),
+    )
     # Notebooks that train shrink to a smoke test (a tiny model, a few steps, a small grid), and
     # compile with the same cheap LLVM settings as the tests (conftest.py).
     monkeypatch.setenv("RINGATTN_NOTEBOOK_SMALL", "1")
     fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS"), fast])))
     # The kernel imports this checkout even when the package is not installed.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    )
     return KERNEL_NAME
 
 
@@ -62,15 +76,23 @@ SLOW = {"needle", "streaming"}
 def test_notebook_runs(path, kernel_name):
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
-        f"{path.name} is stored with outputs; clear them before committing")
+        f"{path.name} is stored with outputs; clear them before committing"
+    )
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name=kernel_name,
+        nb,
+        timeout=600,
+        kernel_name=kernel_name,
         resources={"metadata": {"path": str(path.parent)}},
     )
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name}: a cell raised:\n{e}")
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") == "error"
+    ]
     assert not errors, f"{path.name}: error outputs: {errors}"

@@ -1,11 +1,14 @@
 """Checking and normalising the arguments every attention entry point shares.
 
 All checks read only shapes and dtypes, so they run at trace time, before any heavy work, and name
-the argument, what was expected and what was given.
+the argument, what was expected and what was given. `check` turns a call's keywords into the one
+bundle that travels down: static `Options`, the mask's arrays (`MaskArrays`) and the sinks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -16,7 +19,8 @@ from ringattn.attention.masks import MaskSpec
 
 
 class MaskArrays(NamedTuple):
-    """A mask's arrays, normalised: positions [P, L] int32 (P is 1 or B), segments [B, L]."""
+    """A mask's arrays, normalised: positions [P, L] int32 (P is 1 or B), segments [B, L] int32
+    (None: no segments; positions None only before a strategy derives them from its layout)."""
 
     q_pos: jax.Array
     kv_pos: jax.Array
@@ -59,7 +63,7 @@ def normalize_window(fn, local_window_size):
 
 
 def check_qkv(fn, q, k, v):
-    """Ranks, dtypes and matching sizes of q [B,T,H,D], k/v [B,S,K,D]."""
+    """Ranks, dtypes and matching sizes of q [B,T,H,D], k [B,S,K,D], v [B,S,K,Dv]."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(_shape(x)) != 4:
             raise ValueError(
@@ -70,11 +74,12 @@ def check_qkv(fn, q, k, v):
             raise TypeError(
                 f"{fn}: `{name}` must be a floating-point array, got dtype {jnp.result_type(x)}."
             )
-    if _shape(k) != _shape(v):
+    if _shape(k)[:3] != _shape(v)[:3]:
         raise ValueError(
-            f"{fn}: `k` and `v` must have the same shape, got {k.shape} and {v.shape}."
+            f"{fn}: `k` and `v` must have the same batch, length and heads [B, S, K] (v may have "
+            f"its own head dim), got {_shape(k)} and {_shape(v)}."
         )
-    (b, _, h, d), (bk, _, kh, dk) = q.shape, k.shape
+    (b, _, h, d), (bk, _, kh, dk) = _shape(q), _shape(k)
     if b != bk:
         raise ValueError(f"{fn}: `q` and `k` batch sizes differ: {b} and {bk}.")
     if d != dk:
@@ -82,28 +87,90 @@ def check_qkv(fn, q, k, v):
     if kh == 0 or h % kh:
         raise ValueError(
             f"{fn}: the heads of `q` ({h}, axis 2) must be a multiple of the key/value heads of "
-            f"`k` and `v` ({kh}); got q {q.shape} and k {k.shape}."
+            f"`k` and `v` ({kh}); got q {_shape(q)} and k {_shape(k)}."
         )
 
 
-def check_and_normalize(
+def check_soft_cap(fn, logits_soft_cap):
+    """None, or a positive Python/numpy float (static: it shapes the compiled program)."""
+    c = logits_soft_cap
+    if c is None:
+        return None
+    if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"{fn}: `logits_soft_cap` must be None or a positive float, got {type(c).__name__}."
+        )
+    if not c > 0 or not np.isfinite(c):
+        raise ValueError(f"{fn}: `logits_soft_cap` must be a positive finite float, got {c!r}.")
+    return float(c)
+
+
+def check_sinks(fn, sinks, num_heads):
+    """None, or a floating array [H]: one learnable sink logit per query head."""
+    if sinks is None:
+        return None
+    if not jnp.issubdtype(jnp.result_type(sinks), jnp.floating):
+        raise TypeError(
+            f"{fn}: `sinks` must be a floating-point array [heads], got dtype "
+            f"{jnp.result_type(sinks)}."
+        )
+    if _shape(sinks) != (num_heads,):
+        raise ValueError(
+            f"{fn}: `sinks` must have shape [heads] = ({num_heads},), one logit per query head, "
+            f"got {_shape(sinks)}."
+        )
+    return jnp.asarray(sinks)
+
+
+def check_blocks(fn, block_q, block_k):
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if not _is_int(b) or b <= 0:
+            raise ValueError(f"{fn}: `{name}` must be a positive int, got {b!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The static half of an attention call, checked: the mask rule, the softmax scale, the soft
+    cap, the XLA kernel's tiles and the kernel to run. Hashable, so it keys compiled programs and
+    travels from the public functions down to the kernels as one value."""
+
+    spec: MaskSpec
+    scale: float
+    logits_soft_cap: float | None = None
+    block_q: int = 512
+    block_k: int = 512
+    kernel: object = "auto"
+    # Called on the host for every tile the XLA kernel computes (blockwise_attention's docs).
+    tile_callback: Callable | None = None
+
+
+def check(
     fn,
     q,
     k,
     v,
     *,
-    causal,
-    local_window_size,
-    segment_ids,
-    kv_segment_ids,
-    q_positions,
-    kv_positions,
-    scale,
+    causal=False,
+    local_window_size=None,
+    segment_ids=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    scale=None,
+    logits_soft_cap=None,
+    sinks=None,
+    block_q=512,
+    block_k=512,
+    kernel="auto",
+    tile_callback=None,
+    fill_positions=True,
 ):
-    """Validate everything; return (MaskSpec, MaskArrays, scale) with defaults filled in."""
+    """Validate every argument of an attention call (shapes and dtypes only, so before any work)
+    and return (Options, MaskArrays, sinks) with the defaults filled in; positions not given
+    stay None with `fill_positions=False` (the strategies derive them from their layout)."""
     check_qkv(fn, q, k, v)
-    batch, t, _, d = q.shape
-    s = k.shape[1]
+    batch, t, h, d = _shape(q)
+    s = _shape(k)[1]
     window = normalize_window(fn, local_window_size)
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"{fn}: `causal` must be a bool, got {causal!r}.")
@@ -111,6 +178,9 @@ def check_and_normalize(
         scale = 1.0 / float(np.sqrt(d))
     elif not isinstance(scale, (int, float, np.floating)):
         raise TypeError(f"{fn}: `scale` must be a Python float or None, got {type(scale)}.")
+    cap = check_soft_cap(fn, logits_soft_cap)
+    sinks = check_sinks(fn, sinks, h)
+    check_blocks(fn, block_q, block_k)
 
     if kv_segment_ids is not None and segment_ids is None:
         raise ValueError(f"{fn}: `kv_segment_ids` given without `segment_ids`.")
@@ -129,7 +199,7 @@ def check_and_normalize(
 
     def positions(name, x, length):
         if x is None:
-            return jnp.arange(length, dtype=jnp.int32)[None]
+            return jnp.arange(length, dtype=jnp.int32)[None] if fill_positions else None
         _check_int(fn, name, x, sorted({(length,), (1, length), (batch, length)}))
         x = jnp.asarray(x, jnp.int32)
         return x[None] if x.ndim == 1 else x
@@ -140,4 +210,13 @@ def check_and_normalize(
         segment_ids,
         kv_segment_ids,
     )
-    return MaskSpec(bool(causal), window), masks, float(scale)
+    opts = Options(
+        MaskSpec(bool(causal), window),
+        float(scale),
+        cap,
+        block_q,
+        block_k,
+        kernel,
+        tile_callback,
+    )
+    return opts, masks, sinks

@@ -19,14 +19,19 @@ def reference_attention(
     q_positions=None,
     kv_positions=None,
     scale=None,
+    logits_soft_cap=None,
+    sinks=None,
     return_lse=False,
 ):
-    """softmax(q k^T * scale + mask) v with a T x S score matrix; lse is natural-log, [B, H, T].
+    """softmax(mask(cap(q k^T * scale))) v with a T x S score matrix; lse is natural-log,
+    [B, H, T].
 
-    Computes in float32 at least (float64 when given float64). Queries that see no key get 0 and
-    lse = -inf.
+    `logits_soft_cap` c: scores become c tanh(s / c) before the mask. `sinks` [H]: one more
+    logit per query head, of value 0, in every row's softmax (included in lse). Computes in
+    float32 at least (float64 when given float64). Queries that see no key get 0 and lse = -inf
+    (lse = their sink with sinks).
     """
-    spec, m, scale = inputs.check_and_normalize(
+    opts, m, sinks = inputs.check(
         "reference_attention",
         q,
         k,
@@ -38,21 +43,30 @@ def reference_attention(
         q_positions=q_positions,
         kv_positions=kv_positions,
         scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
     )
     b, t, h, d = q.shape
     kh = k.shape[2]
     acc = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)
     q_BTKGD = q.astype(acc).reshape(b, t, kh, h // kh, d)
-    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k.astype(acc)) * scale
-    visible = masks.token_visible(spec, m.q_pos, m.kv_pos, m.q_seg, m.kv_seg)  # [B|1, T, S]
-    s_BKGTS = jnp.where(visible[:, None, None], s_BKGTS, -jnp.inf)
-    row_max = jnp.max(s_BKGTS, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(s_BKGTS - row_max)
-    denom = p.sum(-1, keepdims=True)
-    lse_BKGT = jnp.where(denom[..., 0] > 0, jnp.log(denom[..., 0]) + row_max[..., 0], -jnp.inf)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(acc)).reshape(b, t, h, d).astype(q.dtype)
+    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k.astype(acc)) * opts.scale
+    cap = opts.logits_soft_cap
+    if cap is not None:
+        s_BKGTS = cap * jnp.tanh(s_BKGTS / cap)
+    visible = masks.token_visible(opts.spec, m.q_pos, m.kv_pos, m.q_seg, m.kv_seg)  # [B|1, T, S]
+    visible = jnp.broadcast_to(visible[:, None, None], s_BKGTS.shape)
+    if sinks is not None:  # the sink: one more, always visible, column; its value is 0
+        sink_BKGT1 = jnp.broadcast_to(
+            sinks.astype(acc).reshape(1, kh, h // kh, 1, 1), (*s_BKGTS.shape[:-1], 1)
+        )
+        s_BKGTS = jnp.concatenate([s_BKGTS, sink_BKGT1], axis=-1)
+        visible = jnp.concatenate([visible, jnp.ones_like(visible[..., :1])], axis=-1)
+    p_BKGTS, lse_BKGT = masks.masked_softmax(s_BKGTS, visible)
+    if sinks is not None:
+        p_BKGTS = p_BKGTS[..., :-1]
+    out = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v.astype(acc)).reshape(b, t, h, -1)
+    out = out.astype(jnp.result_type(q, k, v))
     if return_lse:
-        return out, lse_BKGT.reshape(b, h, t)
+        return out, masks.public_lse(lse_BKGT.reshape(b, h, t))
     return out

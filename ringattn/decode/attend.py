@@ -2,8 +2,9 @@
 
 The cache's slots are unordered (a ring buffer, shards), so the mask reads positions: slot j is
 visible to query i when it holds a token (pos_j >= 0), the query is not padding (pos_i >= 0) and,
-if causal, pos_j <= pos_i. The partial results of disjoint sets of slots (shards of a cache)
-merge exactly through their lse (`merge_partials`).
+if causal, pos_j <= pos_i (and within a layer's local window). The partial results of disjoint
+sets of slots (shards of a cache) merge exactly through their lse (`merge_partials`); sinks are
+added once, after the merge.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ringattn.attention import inputs, masks
+from ringattn.attention.blockwise import add_sinks
 from ringattn.decode import cache as cache_lib
 
 
-def check_attend(fn, q, q_pos, cache, scale, causal, rope):
-    """q [B, t, H, D] floating with H a multiple of the cache's K, q_pos [B, t] integer."""
+def check_attend(fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks):
+    """q [B, t, H, D] floating with H a multiple of the cache's K, q_pos [B, t] integer; returns
+    (scale, soft cap, sinks) normalised."""
     b, _, kh, d = cache.k.shape
     shape = tuple(np.shape(q))
     if len(shape) != 4 or shape[0] != b or shape[3] != d:
@@ -37,17 +41,32 @@ def check_attend(fn, q, q_pos, cache, scale, causal, rope):
         raise ValueError(f"{fn}: `causal` must be a bool, got {causal!r}.")
     if rope is not None and not callable(rope):
         raise ValueError(f"{fn}: `rope` must be None or a callable (x, positions), got {rope!r}.")
+    if local_window is not None and (
+        not isinstance(local_window, (int, np.integer)) or local_window < 0
+    ):
+        raise ValueError(
+            f"{fn}: `local_window` must be None or an int >= 0 (keys up to that many positions "
+            f"back are visible), got {local_window!r}."
+        )
+    scale = 1.0 / float(np.sqrt(d)) if scale is None else float(scale)
+    return (
+        scale,
+        inputs.check_soft_cap(fn, logits_soft_cap),
+        inputs.check_sinks(fn, sinks, shape[2]),
+    )
 
 
-def partial_attention(q, q_pos, cache, *, scale, causal, rope, kv_rope_pos, q_rope_pos):
-    """(out [B, t, H, D], lse [B, H, t]) over this cache (or shard), both in float32 (float64
-    for float64 inputs); rows that see nothing give 0 and -inf."""
+def partial_attention(
+    q, q_pos, cache, *, scale, causal, rope, kv_rope_pos, q_rope_pos, cap, window
+):
+    """(out [B, t, H, Dv], lse [B, H, t]) over this cache (or shard), both in float32 (float64
+    for float64 inputs); rows that see nothing give 0 and lse = LSE_NONE. `scale` is a float,
+    `cap` the soft cap or None, `window` the keys' largest distance back or None."""
     b, t, h, d = q.shape
     kh = cache.k.shape[2]
     acc = jnp.promote_types(q.dtype, jnp.float32)
     if not cache.quantized:
         acc = jnp.promote_types(acc, cache.k.dtype)
-    scale = 1.0 / float(np.sqrt(d)) if scale is None else float(scale)
     q, k, v = q.astype(acc), cache.k.astype(acc), cache.v.astype(acc)
     if rope is not None:
         # RoPE is linear in x, so int8 keys rotate before their scale is applied.
@@ -56,51 +75,70 @@ def partial_attention(q, q_pos, cache, *, scale, causal, rope, kv_rope_pos, q_ro
     s_BKGtS = jnp.einsum("btkgd,bskd->bkgts", q_BtKGD, k) * scale
     if cache.quantized:
         s_BKGtS = s_BKGtS * jnp.moveaxis(cache.k_scale, 1, 2)[:, :, None, None].astype(acc)
-    q_pos = jnp.asarray(q_pos, jnp.int32)
+    if cap is not None:
+        s_BKGtS = cap * jnp.tanh(s_BKGtS / cap)
+    q_pos = jnp.asarray(q_pos, jnp.int32)[:, :, None]
     kv_pos = cache.pos[:, None, :]
-    visible_BtS = (kv_pos >= 0) & (q_pos[:, :, None] >= 0)
+    visible_BtS = (kv_pos >= 0) & (q_pos >= 0)
     if causal:
-        visible_BtS &= kv_pos <= q_pos[:, :, None]
-    s_BKGtS = jnp.where(visible_BtS[:, None, None], s_BKGtS, -jnp.inf)
-    m = jnp.max(s_BKGtS, axis=-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p_BKGtS = jnp.exp(s_BKGtS - m[..., None])
-    denom = p_BKGtS.sum(-1)
-    lse_BKGt = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+        visible_BtS &= kv_pos <= q_pos
+    if window is not None:
+        visible_BtS &= q_pos - kv_pos <= window
+    p_BKGtS, lse_BKGt = masks.masked_softmax(s_BKGtS, visible_BtS[:, None, None])
     if cache.quantized:  # sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j: no dequantised V
         p_BKGtS = p_BKGtS * jnp.moveaxis(cache.v_scale, 1, 2)[:, :, None, None].astype(acc)
-    p_BKGtS = p_BKGtS / jnp.where(denom > 0, denom, 1.0)[..., None]
-    out = jnp.einsum("bkgts,bskd->btkgd", p_BKGtS, v).reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bskd->btkgd", p_BKGtS, v).reshape(b, t, h, v.shape[-1])
     return out, lse_BKGt.reshape(b, h, t)
 
 
 def merge_partials(out_BtHD, lse_BHt, axis_name):
     """Exact merge across `axis_name` of partial results over disjoint key sets:
     lse = logsumexp over devices, out = sum of out_r * exp(lse_r - lse); rows no device sees
-    stay 0 with lse -inf."""
+    stay 0 with lse = LSE_NONE."""
     m = lax.pmax(lse_BHt, axis_name)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    total = lax.psum(jnp.exp(lse_BHt - m), axis_name)  # exp(-inf) = 0
-    seen = total > 0
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-    weight = jnp.where(seen, jnp.exp(lse_BHt - jnp.where(seen, lse, 0.0)), 0.0)
+    lse = m + jnp.log(lax.psum(jnp.exp(lse_BHt - m), axis_name))  # >= m: the max term is 1
+    weight = jnp.exp(lse_BHt - lse)
     out = lax.psum(out_BtHD * jnp.moveaxis(weight, 2, 1)[..., None], axis_name)
     return out, lse
 
 
-def attend(q, q_pos, cache, *, scale=None, causal=True, rope=None, return_lse=False):
+def finish(q, out, lse, sinks, return_lse):
+    """Sinks added once (after every shard merged), out in q's dtype, the users' lse."""
+    out, lse = add_sinks(out, lse, sinks)
+    out = out.astype(q.dtype)
+    return (out, masks.public_lse(lse)) if return_lse else out
+
+
+def attend(
+    q,
+    q_pos,
+    cache,
+    *,
+    scale=None,
+    causal=True,
+    rope=None,
+    logits_soft_cap=None,
+    local_window=None,
+    sinks=None,
+    return_lse=False,
+):
     """Attention of q [B, t, H, D] at positions q_pos [B, t] (negative: padding, output 0) to
-    the cache's tokens; out [B, t, H, D] in q's dtype, computed in float32 (float64 for float64).
+    the cache's tokens; out [B, t, H, Dv] in q's dtype, computed in float32 (float64 for float64).
 
     Call after `update` wrote the t new tokens, so that they see themselves. With `rope`,
     a callable (x [B, L, N, D], positions [B, L]) -> x, q and the stored (un-rotated) keys are
     rotated at `cache_positions` (StreamingLLM positions for window kinds); without it they are
     used as given. Window kinds: query i of a chunk of t tokens sees the sinks and the last
     window - (t - 1 - i) tokens (the chunk is written before it is attended): exactly
-    StreamingLLM when decoding one token at a time.
+    StreamingLLM when decoding one token at a time. `local_window` w: a query at position p sees
+    the keys at positions p - w ... p (a model's sliding-window layer). `logits_soft_cap` and
+    `sinks` [H] as in `reference_attention`.
     GQA: query heads are grouped [B, t, K, H/K, D]; KV heads are never repeated.
     """
-    check_attend("attend", q, q_pos, cache, scale, causal, rope)
+    fn = "attend"
+    scale, cap, sinks = check_attend(
+        fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
+    )
     kv_rope, q_rope = cache_lib.cache_positions(cache, q_pos) if rope is not None else (None, None)
     out, lse = partial_attention(
         q,
@@ -111,6 +149,7 @@ def attend(q, q_pos, cache, *, scale=None, causal=True, rope=None, return_lse=Fa
         rope=rope,
         kv_rope_pos=kv_rope,
         q_rope_pos=q_rope,
+        cap=cap,
+        window=local_window,
     )
-    out = out.astype(q.dtype)
-    return (out, lse) if return_lse else out
+    return finish(q, out, lse, sinks, return_lse)

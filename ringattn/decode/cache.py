@@ -84,11 +84,13 @@ def init_cache(
     num_sinks=0,
     window=None,
     quantize=False,
+    v_head_dim=None,
 ):
     """An empty cache. "full": `max_len` slots (window must be None). "sink_window":
     `num_sinks` + `window` slots for an unbounded stream (max_len must be None). "window":
     `window` slots (num_sinks must be 0, max_len None). `dtype` is the floating dtype of stored
-    K/V, or of the values they stand for when `quantize` (then stored int8 + float32 scales)."""
+    K/V, or of the values they stand for when `quantize` (then stored int8 + float32 scales).
+    `v_head_dim`: V's head dim when it is not K's (MLA-style models)."""
     fn = "init_cache"
     if kind not in KINDS:
         raise ValueError(f"{fn}: `kind` must be one of {KINDS}, got {kind!r}.")
@@ -120,11 +122,12 @@ def init_cache(
         size = int(num_sinks) + int(window)
         window = int(window)
     shape = (batch, size, num_kv_heads, head_dim)
+    v_shape = shape[:3] + (head_dim if v_head_dim is None else v_head_dim,)
     store = jnp.int8 if quantize else dtype
     scale = jnp.zeros(shape[:3], jnp.float32) if quantize else None
     return KVCache(
         k=jnp.zeros(shape, store),
-        v=jnp.zeros(shape, store),
+        v=jnp.zeros(v_shape, store),
         k_scale=scale,
         v_scale=scale,
         pos=jnp.full((batch, size), -1, jnp.int32),
@@ -162,9 +165,10 @@ def cache_bytes(cache) -> int:
 
 
 def check_new(fn, cache, k_new, v_new, pos_new):
-    """k_new/v_new [B, t, K, D] floating, pos_new [B, t] integer, matching the cache."""
-    b, _, kh, d = cache.k.shape
-    for name, x in (("k_new", k_new), ("v_new", v_new)):
+    """k_new [B, t, K, D] / v_new [B, t, K, Dv] floating, pos_new [B, t] integer, matching the
+    cache."""
+    b, _, kh, _ = cache.k.shape
+    for name, x, d in (("k_new", k_new, cache.k.shape[3]), ("v_new", v_new, cache.v.shape[3])):
         shape = tuple(np.shape(x))
         if len(shape) != 4 or shape[0] != b or shape[2:] != (kh, d):
             raise ValueError(
@@ -173,10 +177,10 @@ def check_new(fn, cache, k_new, v_new, pos_new):
             )
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise ValueError(f"{fn}: `{name}` must be floating, got {jnp.result_type(x)}.")
-    if np.shape(v_new) != np.shape(k_new):
+    if np.shape(v_new)[:2] != np.shape(k_new)[:2]:
         raise ValueError(
-            f"{fn}: `v_new` must have the shape of `k_new` {np.shape(k_new)}, got "
-            f"{np.shape(v_new)}."
+            f"{fn}: `v_new` must have the batch and length of `k_new` {np.shape(k_new)[:2]}, "
+            f"got {np.shape(v_new)[:2]}."
         )
     check_positions(fn, "pos_new", pos_new, (b, np.shape(k_new)[1]))
 

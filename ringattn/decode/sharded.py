@@ -57,12 +57,25 @@ def sharded_cache_positions(cache, q_pos=None, *, axis_name):
 
 
 def sharded_attend(
-    q, q_pos, cache, *, axis_name, scale=None, causal=True, rope=None, return_lse=False
+    q,
+    q_pos,
+    cache,
+    *,
+    axis_name,
+    scale=None,
+    causal=True,
+    rope=None,
+    logits_soft_cap=None,
+    local_window=None,
+    sinks=None,
+    return_lse=False,
 ):
-    """`attend` inside shard_map: q/q_pos replicated, `cache` this device's shard; the result
-    (replicated) is the same as attending to the whole cache."""
+    """`attend` inside shard_map: q/q_pos (and sinks) replicated, `cache` this device's shard;
+    the result (replicated) is the same as attending to the whole cache."""
     fn = "sharded_attend"
-    attend_lib.check_attend(fn, q, q_pos, cache, scale, causal, rope)
+    scale, cap, sinks = attend_lib.check_attend(
+        fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
+    )
     _check_shard(fn, cache, axis_name)
     kv_rope, q_rope = (None, None)
     if rope is not None:
@@ -76,10 +89,11 @@ def sharded_attend(
         rope=rope,
         kv_rope_pos=kv_rope,
         q_rope_pos=q_rope,
+        cap=cap,
+        window=local_window,
     )
     out, lse = attend_lib.merge_partials(out, lse, axis_name)
-    out = out.astype(q.dtype)
-    return (out, lse) if return_lse else out
+    return attend_lib.finish(q, out, lse, sinks, return_lse)
 
 
 def _check_mesh(fn, cache, mesh, axis_name, batch_axis):
@@ -159,29 +173,34 @@ def attend_on_mesh(
     scale=None,
     causal=True,
     rope=None,
+    logits_soft_cap=None,
+    local_window=None,
+    sinks=None,
     return_lse=False,
 ):
     """`attend` to a global cache sharded over `axis_name`; q, q_pos and the result are
     replicated over it (sharded P(batch_axis) on the batch)."""
     fn = "attend_on_mesh"
     _check_mesh(fn, cache, mesh, axis_name, batch_axis)
-    attend_lib.check_attend(fn, q, q_pos, cache, scale, causal, rope)
+    attend_lib.check_attend(
+        fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
+    )
+    options = dict(
+        scale=scale, causal=causal, rope=rope, logits_soft_cap=logits_soft_cap,
+        local_window=local_window,
+    )  # fmt: skip
 
-    def local(q, q_pos, cache):
+    def local(q, q_pos, cache, sinks):
         return sharded_attend(
-            q,
-            q_pos,
-            cache,
-            axis_name=axis_name,
-            scale=scale,
-            causal=causal,
-            rope=rope,
-            return_lse=True,
+            q, q_pos, cache, axis_name=axis_name, sinks=sinks, return_lse=True, **options
         )
 
     rows = P(batch_axis)
     new = [_place(jnp.asarray(x), mesh, rows) for x in (q, q_pos)]
     out, lse = jax.shard_map(
-        local, mesh=mesh, in_specs=(rows, rows, P(batch_axis, axis_name)), out_specs=(rows, rows)
-    )(*new, shard_cache(cache, mesh, axis_name, batch_axis))
+        local,
+        mesh=mesh,
+        in_specs=(rows, rows, P(batch_axis, axis_name), P()),
+        out_specs=(rows, rows),
+    )(*new, shard_cache(cache, mesh, axis_name, batch_axis), sinks)
     return (out, lse) if return_lse else out

@@ -91,6 +91,7 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
         num_sinks=spec.num_sinks,
         window=spec.window,
         quantize=spec.quantize,
+        v_head_dim=cfg.value_dim,
     )
     if n > 1:
         axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))

@@ -20,10 +20,23 @@ class AttentionConfig:
     block_q: int = 512
     block_k: int = 512
     head_chunks: int = 1  # allgather: gather K/V this many KV-head chunks at a time
+    logits_soft_cap: float = 0.0  # > 0: logits become c tanh(s / c) (Gemma 2: 50); 0: none
+    sinks: bool = False  # a learned sink logit per query head and layer (gpt-oss)
+    # > 0: local layers' queries see the last `sliding_window` tokens, themselves included
+    # (Hugging Face's Mistral `sliding_window`); 0: every layer attends globally.
+    sliding_window: int = 0
+    # With a window: 0 makes every layer local (Mistral); k makes layers i with (i + 1) % k == 0
+    # global and the others local (Gemma 2: 2, alternating local then global).
+    global_every: int = 0
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"AttentionConfig: `impl` must be one of {IMPLS}, got {self.impl!r}.")
+        for name in ("logits_soft_cap", "sliding_window", "global_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"AttentionConfig: `{name}` must be >= 0, got {getattr(self, name)!r}."
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +47,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 4
     head_dim: int = 32
+    v_head_dim: int = 0  # values' head dim when it is not head_dim (MLA-style); 0: head_dim
     mlp_dim: int = 512
     mlp_chunk_size: int = 0  # > 0: SwiGLU over the sequence this many tokens at a time
     tie_embeddings: bool = True
@@ -57,3 +71,22 @@ class ModelConfig:
             )
         if self.remat not in REMAT:
             raise ValueError(f"ModelConfig: `remat` must be one of {REMAT}, got {self.remat!r}.")
+        every = self.attention.global_every
+        if self.scan_layers and self.attention.sliding_window and every:
+            if self.num_layers % every:
+                raise ValueError(
+                    f"ModelConfig: scanned layers repeat a group of `global_every` ({every}) "
+                    f"layers, so `num_layers` ({self.num_layers}) must be a multiple of it."
+                )
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    def layer_window(self, i: int) -> int | None:
+        """The window layer i attends within (None: global), from `attention.sliding_window`
+        and `attention.global_every`."""
+        a = self.attention
+        if not a.sliding_window or (a.global_every and (i + 1) % a.global_every == 0):
+            return None
+        return a.sliding_window

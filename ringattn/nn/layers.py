@@ -46,20 +46,25 @@ class RMSNorm(nn.Module):
         return (x * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
-def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT):
-    """Causal attention within documents (segment ids), by the implementation cfg names."""
+def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKE, positions_BT, segment_ids_BT,
+              window=None, sinks_H=None):  # fmt: skip
+    """Causal attention within documents (segment ids), by the implementation cfg names; a
+    local layer's `window` (tokens seen, itself included), the soft cap and sinks as configured."""
     a = cfg.attention
     mask = dict(
         causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
         segment_ids=segment_ids_BT,
         q_positions=positions_BT,
         kv_positions=positions_BT,
+        logits_soft_cap=a.logits_soft_cap or None,
+        sinks=sinks_H,
     )
     if a.impl == "dense":
-        return reference_attention(q_BTHD, k_BTKD, v_BTKD, **mask)
+        return reference_attention(q_BTHD, k_BTKD, v_BTKE, **mask)
     if a.impl == "blockwise":
         return blockwise_attention(
-            q_BTHD, k_BTKD, v_BTKD, block_q=a.block_q, block_k=a.block_k, **mask
+            q_BTHD, k_BTKD, v_BTKE, block_q=a.block_q, block_k=a.block_k, **mask
         )
     if mesh is None:
         raise ValueError(
@@ -70,7 +75,7 @@ def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segm
     return context_parallel_attention(
         q_BTHD,
         k_BTKD,
-        v_BTKD,
+        v_BTKE,
         mesh=mesh,
         axis_name=a.axis,
         strategy=a.impl,
@@ -107,12 +112,18 @@ def write_cache(cfg: ModelConfig, mesh, cache, k_BtKD, v_BtKD, positions_Bt):
     return sharded.update_on_mesh(cache, k_BtKD, v_BtKD, positions_Bt, **_on_mesh(cfg, mesh))
 
 
-def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope):
+def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope, window, sinks):
     """New queries against the cache (already holding them): on one device, or per device on
     its shard of the cache, merged through lse (the cache never moves)."""
+    variants = dict(
+        rope=rope,
+        logits_soft_cap=cfg.attention.logits_soft_cap or None,
+        local_window=None if window is None else window - 1,
+        sinks=sinks,
+    )
     if not shards_cache(cfg, mesh):
-        return attend_lib.attend(q_BtHD, positions_Bt, cache, rope=rope)
-    return sharded.attend_on_mesh(q_BtHD, positions_Bt, cache, rope=rope, **_on_mesh(cfg, mesh))
+        return attend_lib.attend(q_BtHD, positions_Bt, cache, **variants)
+    return sharded.attend_on_mesh(q_BtHD, positions_Bt, cache, **variants, **_on_mesh(cfg, mesh))
 
 
 class Attention(nn.Module):
@@ -122,22 +133,27 @@ class Attention(nn.Module):
     tokens' attention with the configured implementation and then writes their K/V, a decode
     step (prefill=False) writes the new tokens first and attends them to the cache. A full cache
     stores rotated keys; window kinds store them un-rotated and rotate at their positions in the
-    cache (StreamingLLM)."""
+    cache (StreamingLLM). `window`: this layer's sliding window (None: global)."""
 
     cfg: ModelConfig
     mesh: object = None
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True):
         cfg, e = self.cfg, x_BTE.shape[-1]
-        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, k, d, dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim
         # Fan-in is the embedding for q/k/v and (heads, head_dim) for the output projection.
         init_in = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
         init_out = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         wq = param(self, "query", (e, h, d), ("embed", "heads", "head_dim"), cfg, init_in)
         wk = param(self, "key", (e, k, d), ("embed", "kv_heads", "head_dim"), cfg, init_in)
-        wv = param(self, "value", (e, k, d), ("embed", "kv_heads", "head_dim"), cfg, init_in)
-        wo = param(self, "out", (h, d, e), ("heads", "head_dim", "embed"), cfg, init_out)
+        wv = param(self, "value", (e, k, dv), ("embed", "kv_heads", "head_dim"), cfg, init_in)
+        wo = param(self, "out", (h, dv, e), ("heads", "head_dim", "embed"), cfg, init_out)
+        sinks_H = None
+        if cfg.attention.sinks:  # one logit per head, starting at 0 (as likely as one key)
+            sinks_H = param(self, "sinks", (h,), ("heads",), cfg, nn.initializers.zeros)
+            sinks_H = sinks_H.astype(jnp.float32)
         dt = jnp.dtype(cfg.dtype)
         q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, wq.astype(dt))
         k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, wk.astype(dt))
@@ -152,7 +168,9 @@ class Attention(nn.Module):
                 q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
                 k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
             cache = write_cache(cfg, self.mesh, cache, k_BTKD, v_BTKD, positions_BT)
-            o_BTHD = cached_attention(cfg, self.mesh, q_BTHD, positions_BT, cache, rope)
+            o_BTHD = cached_attention(
+                cfg, self.mesh, q_BTHD, positions_BT, cache, rope, self.window, sinks_H
+            )
             return jnp.einsum("bthd,hde->bte", o_BTHD.astype(dt), wo.astype(dt)), cache
         q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
         k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
@@ -161,7 +179,10 @@ class Attention(nn.Module):
         kv_names = ("act_batch", "act_length", "act_kv_heads", "head_dim")
         k_BTKD = constrain(k_BTKD, kv_names, cfg, self.mesh)
         v_BTKD = constrain(v_BTKD, kv_names, cfg, self.mesh)
-        o_BTHD = attention(cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT)
+        o_BTHD = attention(
+            cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, self.window,
+            sinks_H,
+        )  # fmt: skip
         o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
         out_BTE = jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt))
         if cache is None:

@@ -20,17 +20,19 @@ ACT = ("act_batch", "act_length", "act_embed")
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block. Returns (x, None) so that nn.scan can stack it."""
+    """Pre-norm decoder block. Returns (x, None) so that nn.scan can stack it. `window`: its
+    attention's sliding window (None: global)."""
 
     cfg: ModelConfig
     mesh: object = None
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True):
         """(x, None), or (x, the updated cache) when given a KV cache (see Attention)."""
         cfg, mesh = self.cfg, self.mesh
         h = RMSNorm(cfg, name="attn_norm")(x_BTE)
-        attn = Attention(cfg, mesh, name="attn")
+        attn = Attention(cfg, mesh, self.window, name="attn")
         if cache is None:
             a_BTE = attn(h, positions_BT, segment_ids_BT)
         else:
@@ -41,10 +43,46 @@ class Block(nn.Module):
         return constrain(x_BTE, ACT, cfg, mesh), cache
 
 
+class BlockGroup(nn.Module):
+    """`global_every` consecutive blocks (local ones, then a global one): the unit a scan over
+    layers repeats when local and global layers alternate (Gemma 2)."""
+
+    cfg: ModelConfig
+    mesh: object = None
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+        block = _block_class(self.cfg)
+        for i in range(self.cfg.attention.global_every):
+            window = self.cfg.layer_window(i)
+            x_BTE, _ = block(self.cfg, self.mesh, window, name=f"block_{i}")(
+                x_BTE, positions_BT, segment_ids_BT
+            )
+        return x_BTE, None
+
+
 def _block_class(cfg: ModelConfig):
     if cfg.remat == "none":
         return Block
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def _scanned(cfg: ModelConfig, mesh):
+    """The layers as one scanned module: every layer alike, or groups of `global_every`."""
+    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
+    if len(windows) == 1:
+        body, length, args = _block_class(cfg), cfg.num_layers, (cfg, mesh, windows.pop())
+    else:
+        body, length, args = BlockGroup, cfg.num_layers // cfg.attention.global_every, (cfg, mesh)
+    stack = nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return stack(*args, name="layers")
 
 
 class Transformer(nn.Module):
@@ -61,19 +99,14 @@ class Transformer(nn.Module):
             cfg,
             nn.initializers.normal(1.0),
         )
-        block = _block_class(cfg)
         if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            self.layers = stack(cfg, self.mesh, name="layers")
+            self.layers = _scanned(cfg, self.mesh)
         else:
-            self.layers = [block(cfg, self.mesh, name=f"layer_{i}") for i in range(cfg.num_layers)]
+            block = _block_class(cfg)
+            self.layers = [
+                block(cfg, self.mesh, cfg.layer_window(i), name=f"layer_{i}")
+                for i in range(cfg.num_layers)
+            ]
         self.final_norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.unembedding = param(

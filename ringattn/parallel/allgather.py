@@ -13,15 +13,15 @@ memory is bounded too: residuals are the local shards, never the gathered K/V.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
-from ringattn.attention import blockwise
-from ringattn.attention.blockwise import Config
-from ringattn.attention.kernels import dispatch
+from ringattn.attention import inputs
+from ringattn.attention.blockwise import exact_attention, make_config
+from ringattn.attention.kernels import base
+from ringattn.attention.kernels.xla import Xla
 from ringattn.parallel import layouts
 
 
@@ -40,90 +40,109 @@ def check_head_chunks(fn, head_chunks, num_kv_heads):
         )
 
 
-def _chunks(cfg, axis_name, chunks, k_, v_, body, carry):
-    """`carry = body(start, slicer, k_i, v_i, carry)` for each chunk of KV heads, in order.
-
-    `start` is the chunk's first KV head, k_i/v_i the chunk gathered over the axis and padded to
-    whole blocks; `slicer(x, axis)` cuts the chunk's heads out of any array grouped by KV head.
-    A loop, not a Python unroll, so that XLA cannot hold two gathered chunks at once.
-    """
-    kc = k_.shape[2] // chunks
-
-    def step(i, carry):
-        sl = lambda x, ax: lax.dynamic_slice_in_dim(x, i * kc, kc, ax)  # noqa: E731
-        if chunks == 1:  # the identity (fused kernels' operands have other head layouts)
-            sl = lambda x, ax: x  # noqa: E731
-        k_i, v_i = (
-            blockwise.pad_to_block(gather_sequence(sl(x, 2), axis_name), cfg.block_k)
-            for x in (k_, v_)
-        )
-        return body(i * kc, sl, k_i, v_i, carry)
-
-    return lax.fori_loop(0, chunks, step, carry) if chunks > 1 else step(0, carry)
-
-
-def _operands(cfg, q, k, v, m):
-    """Mask sides (m: local q side, gathered kv side), q grouped and padded, local k/v; narrow
-    floats as bits (`blockwise.to_storage`), which also travel as bits. A fused kernel's q is
-    only padded and its k/v are as given."""
-    qs = blockwise.make_side(m.q_pos, m.q_seg, cfg.block_q)
-    ks = blockwise.make_side(m.kv_pos, m.kv_seg, cfg.block_k)
-    if cfg.kernel is not None:
-        return qs, ks, blockwise.pad_to_block(q, cfg.block_q), k, v
-    q_ = blockwise.pad_to_block(blockwise.group_heads(q, k.shape[2]), cfg.block_q)
-    return qs, ks, *(blockwise.to_storage(x) for x in (q_, k, v))
-
-
 def _put(x, part, start, axis):
     return lax.dynamic_update_slice_in_dim(x, part, start, axis)
 
 
-def _fwd(cfg, axis_name, chunks, q, k, v, m):
-    ops = blockwise.kernel_ops(cfg)
-    qs, ks, q_, k_, v_ = _operands(cfg, q, k, v, m)
+@dataclasses.dataclass(frozen=True)
+class AllGather:
+    """The kernel's passes over the gathered k/v, `chunks` KV-head chunks at a time (the XLA
+    kernel only when chunks > 1: its grouped layout is what the chunks slice). `m` holds the
+    local query side and the gathered key side."""
 
-    def body(start, sl, k_i, v_i, state):
-        o, lse = state
-        o_i, lse_i = ops.fwd_pass(cfg, sl(q_, 2), k_i, v_i, qs, ks, sl(o, 2), sl(lse, 1))
-        return _put(o, o_i, start, 2), _put(lse, lse_i, start, 1)
+    axis_name: str
+    chunks: int
 
-    state = _chunks(cfg, axis_name, chunks, k_, v_, body, ops.init_fwd_state(cfg, q_))
-    out, lse = ops.finish_fwd(cfg, q, *state)
-    return (out, lse), (q, k, v, m, out, lse)
+    def _operands(self, cfg, q, k, v, m):
+        """Mask sides (q local, k/v gathered), q in the kernel's layout, local k/v stored."""
+        qs = base.make_side(m.q_pos, m.q_seg, cfg.block_q)
+        ks = base.make_side(m.kv_pos, m.kv_seg, cfg.block_k)
+        q_ = base.pad_to_block(cfg.kernel.store_q(q, k.shape[2]), cfg.block_q)
+        return qs, ks, q_, cfg.kernel.store_kv(k), cfg.kernel.store_kv(v)
+
+    def _loop(self, cfg, k_, v_, body, carry):
+        """`carry = body(start, slicer, k_i, v_i, carry)` for each chunk of KV heads, in order.
+
+        `start` is the chunk's first KV head, k_i/v_i the chunk gathered over the axis and
+        padded to whole blocks; `slicer(x, axis)` cuts the chunk's heads out of any array grouped
+        by KV head. A loop, not a Python unroll, so that XLA cannot hold two gathered chunks.
+        """
+        kc = k_.shape[2] // self.chunks
+
+        def step(i, carry):
+            sl = lambda x, ax: lax.dynamic_slice_in_dim(x, i * kc, kc, ax)  # noqa: E731
+            if self.chunks == 1:  # the identity (fused kernels' operands have other layouts)
+                sl = lambda x, ax: x  # noqa: E731
+            k_i, v_i = (
+                base.pad_to_block(gather_sequence(sl(x, 2), self.axis_name), cfg.block_k)
+                for x in (k_, v_)
+            )
+            return body(i * kc, sl, k_i, v_i, carry)
+
+        return lax.fori_loop(0, self.chunks, step, carry) if self.chunks > 1 else step(0, carry)
+
+    def forward(self, cfg, q, k, v, m):
+        kern = cfg.kernel
+        qs, ks, q_, k_, v_ = self._operands(cfg, q, k, v, m)
+
+        def body(start, sl, k_i, v_i, state):
+            o, lse = state
+            o_i, lse_i = kern.fwd_pass(cfg, sl(q_, 2), k_i, v_i, qs, ks, (sl(o, 2), sl(lse, 1)))
+            return _put(o, o_i, start, 2), _put(lse, lse_i, start, 1)
+
+        state = self._loop(cfg, k_, v_, body, kern.init_state(cfg, q_, v_))
+        return kern.finish_fwd(cfg, q, state)
+
+    def backward(self, cfg, q, k, v, m, b):
+        kern = cfg.kernel
+        qs, ks, q_, k_, v_ = self._operands(cfg, q, k, v, m)
+        do_, lse_, rest = kern.prepare_bwd(cfg, q, k, b)  # rest: delta, or BwdAux (chunks = 1)
+
+        def body(start, sl, k_i, v_i, grads):
+            dq, dk, dv = grads
+            _, dk0, dv0 = kern.init_grads(cfg, q_, k_i, v_i)
+            bwd = (sl(do_, 2), sl(lse_, 1), sl(rest, 1))
+            dq_i, dk_i, dv_i = kern.bwd_pass(
+                cfg, sl(q_, 2), k_i, v_i, bwd, qs, ks, (sl(dq, 2), dk0, dv0)
+            )
+            # Every device's contribution to each k/v shard, summed on the shard's owner.
+            dk_i, dv_i = (
+                lax.psum_scatter(
+                    x[:, : cfg.kv_len], self.axis_name, scatter_dimension=1, tiled=True
+                )
+                for x in (dk_i, dv_i)
+            )
+            return _put(dq, dq_i, start, 2), _put(dk, dk_i, start, 2), _put(dv, dv_i, start, 2)
+
+        grads = self._loop(cfg, k_, v_, body, kern.init_grads(cfg, q_, k_, v_))
+        return kern.finish_bwd(cfg, q, k, v, grads)
 
 
-def _bwd(cfg, axis_name, chunks, res, cts):
-    q, k, v, m, out, lse = res
-    ops = blockwise.kernel_ops(cfg)
-    qs, ks, q_, k_, v_ = _operands(cfg, q, k, v, m)
-    do_, lse_, delta = ops.prepare_bwd(cfg, k, out, lse, *cts)
-    acc = blockwise.acc_dtype(cfg)
-
-    def body(start, sl, k_i, v_i, grads):
-        dq, dk, dv = grads
-        zero = jnp.zeros_like(k_i, dtype=acc)
-        g = (sl(dq, 2), zero, zero)
-        dq_i, dk_i, dv_i = ops.bwd_pass(
-            cfg, sl(q_, 2), k_i, v_i, sl(do_, 2), sl(lse_, 1), sl(delta, 1), qs, ks, g
+def allgather(fn, q, k, v, opts: inputs.Options, m, sinks, *, axis_name, layout, head_chunks=1):
+    """(out, lse) of checked arguments inside shard_map; positions None in `m` are the layout's."""
+    layouts.check_layout_name(fn, layout)
+    check_head_chunks(fn, head_chunks, k.shape[2])
+    n, t = lax.axis_size(axis_name), q.shape[1]
+    m = layouts.local_masks(fn, m, layout, lax.axis_index(axis_name), n, t, k.shape[1])
+    m = m._replace(
+        kv_pos=gather_sequence(m.kv_pos, axis_name), kv_seg=gather_sequence(m.kv_seg, axis_name)
+    )
+    if opts.kernel == "auto" and head_chunks > 1:
+        opts = dataclasses.replace(opts, kernel="xla")  # chunks slice the XLA kernel's layout
+    cfg = make_config(fn, opts, q, k, v, m, kv_len=k.shape[1] * n)
+    if not isinstance(cfg.kernel, Xla) and head_chunks > 1:
+        raise ValueError(
+            f"{fn}: kernel={opts.kernel!r} runs with head_chunks=1 only, got {head_chunks}; use "
+            f"kernel='xla' to gather K/V in chunks."
         )
-        # Every device's contribution to each k/v shard, summed on the shard's owner.
-        dk_i, dv_i = (
-            lax.psum_scatter(x[:, : cfg.kv_len], axis_name, scatter_dimension=1, tiled=True)
-            for x in (dk_i, dv_i)
-        )
-        return _put(dq, dq_i, start, 2), _put(dk, dk_i, start, 2), _put(dv, dv_i, start, 2)
-
-    zeros = lambda x: jnp.zeros_like(x, dtype=acc)  # noqa: E731
-    grads = _chunks(cfg, axis_name, chunks, k_, v_, body, (zeros(q_), zeros(k_), zeros(v_)))
-    return (*ops.finish_bwd(cfg, q, k, v, *grads), None)
+    q, k, v = (x.astype(cfg.dtype) for x in (q, k, v))
+    return exact_attention(cfg, AllGather(axis_name, head_chunks), q, k, v, m, sinks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _allgather(cfg, axis_name, chunks, q, k, v, m):
-    return _fwd(cfg, axis_name, chunks, q, k, v, m)[0]
-
-
-_allgather.defvjp(_fwd, _bwd)
+# One compiled program when called eagerly inside a user's shard_map (ring._ring_jit).
+_allgather_jit = jax.jit(
+    allgather, static_argnums=(0, 4), static_argnames=("axis_name", "layout", "head_chunks")
+)
 
 
 def allgather_attention(
@@ -140,6 +159,8 @@ def allgather_attention(
     q_positions=None,
     kv_positions=None,
     scale=None,
+    logits_soft_cap=None,
+    sinks=None,
     block_q=512,
     block_k=512,
     head_chunks=1,
@@ -154,40 +175,26 @@ def allgather_attention(
     `blockwise_attention`; fused kernels need head_chunks = 1 ("auto" then runs XLA).
     """
     fn = "allgather_attention"
-    n = lax.psum(1, axis_name)
-    spec, m, scale = layouts.check_local(
+    opts, m, sinks = inputs.check(
         fn,
         q,
         k,
         v,
-        lax.axis_index(axis_name),
-        n,
-        layout=layout,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
+        block_q=block_q,
+        block_k=block_k,
+        kernel=kernel,
+        fill_positions=False,
     )
-    check_head_chunks(fn, head_chunks, k.shape[2])
-    blockwise.check_blocks(fn, block_q, block_k)
-    m = m._replace(
-        kv_pos=gather_sequence(m.kv_pos, axis_name), kv_seg=gather_sequence(m.kv_seg, axis_name)
+    out, lse = _allgather_jit(
+        fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout, head_chunks=head_chunks
     )
-    dtype = jnp.result_type(q, k, v)
-    t, s = q.shape[1], k.shape[1] * n
-    # "auto" gathers in chunks with the XLA kernel: fused kernels take whole K/V.
-    auto_xla = kernel == "auto" and head_chunks > 1
-    kern = dispatch.resolve(fn, "xla" if auto_xla else kernel, dtype, q.shape[-1], t, s)
-    if kern is not None and head_chunks > 1:
-        raise ValueError(
-            f"{fn}: kernel={kernel!r} runs with head_chunks=1 only, got {head_chunks}; use "
-            f"kernel='xla' to gather K/V in chunks."
-        )
-    bq, bk = dispatch.blocks(kern, block_q, block_k, t, s)
-    cfg = Config(spec, scale, bq, bk, s, dtype, None, kern)
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    out, lse = _allgather(cfg, axis_name, head_chunks, q, k, v, m)
     return (out, lse) if return_lse else out

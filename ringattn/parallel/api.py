@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -11,16 +13,17 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ringattn.attention import inputs
-from ringattn.attention.blockwise import check_blocks
 from ringattn.attention.kernels import dispatch
 from ringattn.parallel import allgather, costs, hybrid, layouts, ring, ulysses
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
+# The strategies on checked arguments, inside shard_map: (fn, q, k, v, Options, MaskArrays,
+# sinks, axis_name=, layout=) -> (out, lse).
 _LOCAL = {
-    "ring": ring.ring_attention,
-    "allgather": allgather.allgather_attention,
-    "ulysses": ulysses.ulysses_attention,
-    "hybrid": hybrid.hybrid_attention,
+    "ring": ring.ring,
+    "allgather": allgather.allgather,
+    "ulysses": ulysses.ulysses,
+    "hybrid": hybrid.hybrid,
 }
 
 
@@ -32,6 +35,24 @@ def _place(x, mesh, spec):
     if any(types[a] == AxisType.Explicit for a in used):
         return jax.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _explicitly_sharded(x):
+    return any(entry is not None for entry in getattr(jax.typeof(x).sharding, "spec", ()))
+
+
+def _run_mesh(mesh, *arrays):
+    """The mesh the computation runs on: `mesh`, or its devices with Auto axes when its axes
+    are Explicit but the caller is not sharding explicitly (no `jax.set_mesh` context and no
+    input whose type is sharded). Explicit axes put shardings in the results' types, and the
+    caller who passed plain arrays gets plain-typed results, as from dense attention (JAX's
+    eager grad cannot differentiate an Explicit-typed result outside `jax.set_mesh`)."""
+    if AxisType.Explicit not in mesh.axis_types:
+        return mesh
+    if not jax.sharding.get_abstract_mesh().empty or any(map(_explicitly_sharded, arrays)):
+        return mesh
+    auto = (AxisType.Auto,) * len(mesh.axis_names)
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def _axis_names(fn, mesh, axis_name):
@@ -113,6 +134,8 @@ def context_parallel_attention(
     q_positions=None,
     kv_positions=None,
     scale=None,
+    logits_soft_cap=None,
+    sinks=None,
     block_q=512,
     block_k=512,
     head_chunks=1,
@@ -121,13 +144,14 @@ def context_parallel_attention(
     return_lse=False,
     kernel="auto",
 ):
-    """Exact attention over global q [B, T, H, D], k/v [B, S, K, D] split along `axis_name`.
+    """Exact attention over global q [B, T, H, D], k [B, S, K, D], v [B, S, K, Dv] split along
+    `axis_name`.
 
     The sequence is already in `layout` order (see `to_layout`) and the result comes back in the
-    same order; positions not given are the ones `layout` implies. Works under `jax.jit` with any
-    mesh (Explicit or Auto axes). `batch_axis` / `head_axis` (a mesh axis, a tuple of axes, or
-    None) shard the batch and the heads (q's H and k/v's K, so K must divide by their size); the
-    mesh axes named nowhere hold replicas.
+    same order; positions not given are the ones `layout` implies. Works eagerly and under
+    `jax.jit`, with any mesh (Explicit or Auto axes). `batch_axis` / `head_axis` (a mesh axis, a
+    tuple of axes, or None) shard the batch and the heads (q's H and k/v's K, so K must divide
+    by their size); the mesh axes named nowhere hold replicas.
 
     strategy: "ring" (pass-KV), "allgather" (gather K/V, `head_chunks` KV-head chunks at a time),
     "ulysses" (all-to-all to head shards; heads a multiple of the axis size), "hybrid"
@@ -137,6 +161,7 @@ def context_parallel_attention(
 
     kernel: the single-device kernel each device runs ("auto", "xla", "pallas_gpu", "cudnn",
     "pallas_tpu" or a kernel object, see `blockwise_attention`), chosen for the mesh's platform.
+    `logits_soft_cap` and `sinks` [H] as in `reference_attention`.
     """
     fn = "context_parallel_attention"
     if strategy not in STRATEGIES:
@@ -153,14 +178,9 @@ def context_parallel_attention(
     t, s = q.shape[1], k.shape[1]
     layouts.check_layout(fn, layout, t, n, "query length")
     layouts.check_layout(fn, layout, s, n, "key length")
-    # Positions the caller did not give come from the layout. If neither was given, each device
-    # derives its own (and the ring then knows statically which of its steps the mask needs).
-    given = q_positions is not None or kv_positions is not None
-    if q_positions is None:
-        q_positions = layouts.layout_positions(layout, t, n)
-    if kv_positions is None:
-        kv_positions = layouts.layout_positions(layout, s, n)
-    spec, m, scale = inputs.check_and_normalize(
+    # Positions the caller did not give are derived by each device from the layout (and the
+    # ring then knows statically which of its steps the mask needs).
+    opts, m, sinks = inputs.check(
         fn,
         q,
         k,
@@ -172,8 +192,13 @@ def context_parallel_attention(
         q_positions=q_positions,
         kv_positions=kv_positions,
         scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
+        block_q=block_q,
+        block_k=block_k,
+        kernel=kernel,
+        fill_positions=False,
     )
-    check_blocks(fn, block_q, block_k)
     allgather.check_head_chunks(fn, head_chunks, k.shape[2])
     if head_chunks != 1 and strategy not in ("allgather", "auto"):
         raise ValueError(
@@ -181,52 +206,67 @@ def context_parallel_attention(
             f"strategy {strategy!r}."
         )
     if strategy == "auto":
-        strategy = _choose(q, k, mesh, axis_name, spec, layout)
+        strategy = _choose(q, k, mesh, axis_name, opts.spec, layout)
         _check_axis_form(fn, strategy, axis_name)
     heads_per_device = q.shape[2] // _size(mesh, head_axes)
     if strategy in ("ulysses", "hybrid"):
         ulysses.check_heads(fn, heads_per_device, mesh.shape[names[0]], names[0])
 
+    mesh = _run_mesh(mesh, q, k, v, *(x for x in (*m, sinks) if x is not None))
+    axis = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name
+    plan = _Plan(fn, opts, mesh, axis, strategy, layout, head_chunks, batch_axes, head_axes)
+    out, lse = _sharded(plan, q, k, v, m, sinks)
+    return (out, lse) if return_lse else out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about a context-parallel call (hashable: it keys the compiled program)."""
+
+    fn: str
+    opts: inputs.Options
+    mesh: jax.sharding.Mesh
+    axis_name: object
+    strategy: str
+    layout: str
+    head_chunks: int
+    batch_axes: tuple | None
+    head_axes: tuple | None
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sharded(plan: _Plan, q, k, v, m, sinks):
+    """The strategy inside shard_map over global arrays; jitted, so that a caller who does not
+    jit (eagerly, or under an eager jax.grad) runs one compiled program instead of every op of
+    the strategy dispatched on its own, and compiles it once per static plan."""
+    mesh, names = plan.mesh, _axis_names(plan.fn, plan.mesh, plan.axis_name)
     # hybrid: ring-major, so each Ulysses group holds consecutive shards (hybrid.py).
-    seq_axes = names[::-1] if strategy == "hybrid" else axis_name
-    qkv = P(batch_axes, seq_axes, head_axes, None)
+    seq_axes = names[::-1] if plan.strategy == "hybrid" else plan.axis_name
+    qkv = P(plan.batch_axes, seq_axes, plan.head_axes, None)
 
     def seq(x):  # positions may be shared by the batch ([1, T])
-        return P(batch_axes if x.shape[0] > 1 else None, seq_axes)
+        return P(plan.batch_axes if x.shape[0] > 1 else None, seq_axes)
 
-    args = (q, k, v, *((m.q_pos, m.kv_pos) if given else (None, None)), m.q_seg, m.kv_seg)
-    specs = (qkv, qkv, qkv, *(P() if x is None else seq(x) for x in args[3:]))
-    args = tuple(
-        None if x is None else _place(x, mesh, sp) for x, sp in zip(args, specs, strict=True)
+    specs = inputs.MaskArrays(*(None if x is None else seq(x) for x in m))
+    m = inputs.MaskArrays(
+        *(None if x is None else _place(x, mesh, sp) for x, sp in zip(m, specs, strict=True))
     )
-    extra = dict(head_chunks=head_chunks) if strategy == "allgather" else {}
+    sinks_spec = P(plan.head_axes)
+    if sinks is not None:
+        sinks = _place(sinks, mesh, sinks_spec)
+    q, k, v = (_place(x, mesh, qkv) for x in (q, k, v))
+    extra = dict(head_chunks=plan.head_chunks) if plan.strategy == "allgather" else {}
 
-    def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return _LOCAL[strategy](
-            q,
-            k,
-            v,
-            axis_name=axis_name,
-            layout=layout,
-            causal=spec.causal,
-            local_window_size=spec.window,
-            segment_ids=q_seg,
-            kv_segment_ids=kv_seg,
-            q_positions=q_pos,
-            kv_positions=kv_pos,
-            scale=scale,
-            block_q=block_q,
-            block_k=block_k,
-            return_lse=True,
-            kernel=kernel,
+    def local(q, k, v, m, sinks):
+        return _LOCAL[plan.strategy](
+            plan.fn, q, k, v, plan.opts, m, sinks, axis_name=plan.axis_name, layout=plan.layout,
             **extra,
-        )
+        )  # fmt: skip
 
-    out, lse = jax.shard_map(
+    return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=specs,
-        out_specs=(qkv, P(batch_axes, head_axes, seq_axes)),
-        check_vma=not dispatch.needs_vma_off(kernel, mesh.devices.flat[0].platform),
-    )(*args)
-    return (out, lse) if return_lse else out
+        in_specs=(qkv, qkv, qkv, specs, sinks_spec),
+        out_specs=(qkv, P(plan.batch_axes, plan.head_axes, seq_axes)),
+        check_vma=not dispatch.needs_vma_off(plan.opts.kernel, mesh.devices.flat[0].platform),
+    )(q, k, v, m, sinks)

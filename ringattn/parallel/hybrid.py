@@ -10,9 +10,10 @@ and striped shards stay balanced: a chunk is a union of balanced shards).
 
 from __future__ import annotations
 
+import jax
 from jax import lax
 
-from ringattn.attention import blockwise
+from ringattn.attention import inputs
 from ringattn.parallel import layouts, ring, ulysses
 
 
@@ -30,6 +31,28 @@ def check_axis_pair(fn, axis_name):
     return tuple(axis_name)
 
 
+def hybrid(fn, q, k, v, opts, m, sinks, *, axis_name, layout):
+    """(out, lse) of checked arguments inside shard_map: Ulysses over axis_name[0], then a ring
+    over axis_name[1] with the gathered (explicit) positions."""
+    u_axis, r_axis = check_axis_pair(fn, axis_name)
+    layouts.check_layout_name(fn, layout)
+    n_u, n_r = lax.axis_size(u_axis), lax.axis_size(r_axis)
+    index = lax.axis_index(r_axis) * n_u + lax.axis_index(u_axis)
+    # Positions of this shard among all n_u * n_r (Ulysses then gathers its group's).
+    m = layouts.local_masks(fn, m, layout, index, n_u * n_r, q.shape[1], k.shape[1])
+
+    def ring_steps(fn, q, k, v, opts, m, sinks):
+        return ring.ring(fn, q, k, v, opts, m, sinks, axis_name=r_axis, layout=layout)
+
+    return ulysses.ulysses(
+        fn, q, k, v, opts, m, sinks, axis_name=u_axis, layout=layout, attend=ring_steps
+    )
+
+
+# One compiled program when called eagerly inside a user's shard_map (ring._ring_jit).
+_hybrid_jit = jax.jit(hybrid, static_argnums=(0, 4), static_argnames=("axis_name", "layout"))
+
+
 def hybrid_attention(
     q,
     k,
@@ -44,6 +67,8 @@ def hybrid_attention(
     q_positions=None,
     kv_positions=None,
     scale=None,
+    logits_soft_cap=None,
+    sinks=None,
     block_q=512,
     block_k=512,
     return_lse=False,
@@ -57,35 +82,24 @@ def hybrid_attention(
     q must be a multiple of the Ulysses axis size. `kernel`: the ring steps' kernel.
     """
     fn = "hybrid_attention"
-    u_axis, r_axis = check_axis_pair(fn, axis_name)
-    n_u, n_r = lax.psum(1, u_axis), lax.psum(1, r_axis)
-    index = lax.axis_index(r_axis) * n_u + lax.axis_index(u_axis)
-    spec, m, scale = layouts.check_local(
+    opts, m, sinks = inputs.check(
         fn,
         q,
         k,
         v,
-        index,
-        n_u * n_r,
-        layout=layout,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         scale=scale,
-    )
-    ulysses.check_heads(fn, q.shape[2], n_u, u_axis)
-    blockwise.check_blocks(fn, block_q, block_k)
-    attend = lambda *a, **kw: ring.ring_attention(  # noqa: E731
-        *a,
-        **kw,
-        axis_name=r_axis,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
         block_q=block_q,
         block_k=block_k,
-        return_lse=True,
         kernel=kernel,
+        fill_positions=False,
     )
-    out, lse = ulysses.ulysses(attend, fn, q, k, v, axis_name=u_axis, m=m, spec=spec, scale=scale)
+    out, lse = _hybrid_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -11,17 +11,20 @@ as contiguous once positions are permuted with the tokens.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-
-from ringattn.attention import inputs
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
-def check_layout(fn, layout, length, num_shards, what="sequence length"):
+def check_layout_name(fn, layout):
     if layout not in LAYOUTS:
         raise ValueError(f"{fn}: `layout` must be one of {LAYOUTS}, got {layout!r}.")
+
+
+def check_layout(fn, layout, length, num_shards, what="sequence length"):
+    check_layout_name(fn, layout)
     parts = 2 * num_shards if layout == "zigzag" else num_shards
     if length % parts:
         raise ValueError(
@@ -54,37 +57,36 @@ def layout_positions(layout, length, num_shards):
     )
 
 
+def _permute(x, perm, axis):
+    """x[..., perm, ...] along `axis`, keeping an explicitly sharded array's sharding (a gather
+    on Explicit mesh axes must be told its output sharding)."""
+    x = jnp.asarray(x)
+    index = (slice(None),) * axis + (perm,)
+    sharding = jax.typeof(x).sharding
+    if any(entry is not None for entry in getattr(sharding, "spec", ())):
+        return x.at[index].get(out_sharding=sharding)
+    return x[index]
+
+
 def to_layout(x, layout, num_shards, axis=1):
     """Reorder the sequence axis of `x` from natural order into `layout` order."""
-    perm = layout_positions(layout, x.shape[axis], num_shards)
-    return jnp.take(x, perm, axis=axis)
+    return _permute(x, layout_positions(layout, x.shape[axis], num_shards), axis)
 
 
 def from_layout(x, layout, num_shards, axis=1):
     """Inverse of `to_layout`."""
-    inv = np.argsort(layout_positions(layout, x.shape[axis], num_shards))
-    return jnp.take(x, inv, axis=axis)
+    return _permute(x, np.argsort(layout_positions(layout, x.shape[axis], num_shards)), axis)
 
 
-def check_local(fn, q, k, v, index, num_shards, *, layout, q_positions, kv_positions, **mask):
-    """Validate a context-parallel strategy's local shards (inside shard_map) and normalise
-    their mask; positions not given are those `layout` assigns to shard `index` of num_shards
-    (after checking that the global lengths fit the layout). Returns (MaskSpec, MaskArrays,
-    scale) as `inputs.check_and_normalize` does; `mask` holds its other keyword arguments."""
-    inputs.check_qkv(fn, q, k, v)
+def local_masks(fn, m, layout, index, num_shards, q_len, kv_len):
+    """A strategy's local mask arrays (inside shard_map): positions not given (None) are those
+    `layout` assigns to shard `index` of num_shards, after checking that the global lengths fit
+    the layout."""
 
-    def positions(given, length, what):
-        if given is not None:
-            return given
+    def fill(x, length, what):
+        if x is not None:
+            return x
         check_layout(fn, layout, length * num_shards, num_shards, f"global {what} length")
-        return shard_positions(layout, length, index, num_shards)
+        return shard_positions(layout, length, index, num_shards)[None]
 
-    return inputs.check_and_normalize(
-        fn,
-        q,
-        k,
-        v,
-        q_positions=positions(q_positions, q.shape[1], "query"),
-        kv_positions=positions(kv_positions, k.shape[1], "key"),
-        **mask,
-    )
+    return m._replace(q_pos=fill(m.q_pos, q_len, "query"), kv_pos=fill(m.kv_pos, kv_len, "key"))

@@ -12,17 +12,17 @@ place by the blockwise kernel, so no step allocates a full-size temporary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ringattn.attention import blockwise, masks
-from ringattn.attention.blockwise import Config, Side
-from ringattn.attention.kernels import dispatch
+from ringattn.attention import inputs, masks
+from ringattn.attention.blockwise import exact_attention, make_config
+from ringattn.attention.kernels import base
 from ringattn.parallel import layouts
 
 
@@ -41,16 +41,16 @@ def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
     """The shortest run of steps that holds every step some device needs, from the positions
     `layout` gives each shard (segment ids are not known statically and are ignored, which is
     safe: a step that runs but is not needed computes nothing). A causal window of T / (2n) in
-    the contiguous layout needs steps {0, 1}: 2 steps and 1 send instead of n and n - 1."""
+    the contiguous layout needs steps {0, 1}: 2 steps and 1 send instead of n and n - 1.
+    Computed in numpy: nothing here is traced, whatever the caller is tracing."""
 
     def ranges(length, shard):  # bounds of the positions each shard in `shard` holds
         pos = np.stack([layouts.shard_positions(layout, length, r, n) for r in range(n)])
         return masks.Ranges(pos.min(1)[shard], pos.max(1)[shard], None, None)
 
     s_R, r_R = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # [step, device]
-    with jax.ensure_compile_time_eval():  # concrete values, also while tracing a shard_map
-        state = masks.tile_state(spec, ranges(q_len, r_R), ranges(kv_len, (r_R - s_R) % n))
-    state = np.broadcast_to(np.asarray(state), s_R.shape)  # a scalar when nothing is masked
+    state = masks.tile_state(spec, ranges(q_len, r_R), ranges(kv_len, (r_R - s_R) % n))
+    state = np.broadcast_to(state, s_R.shape)  # a scalar when nothing is masked
     needed = [bool(x) for x in (state != masks.SKIP).any(axis=1)]
     if all(needed) or not any(needed):
         return RingPlan(0, n)
@@ -67,11 +67,11 @@ def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
 
 def _send(tree, axis_name, n, shift=1):
     """Send every array of `tree` from each device r to r + shift. Narrow floats travel as bits
-    (blockwise.to_storage), which also keeps XLA:CPU from widening them."""
+    (the XLA kernel's storage), which also keeps XLA:CPU from widening them."""
     return lax.ppermute(tree, axis_name, perm=[(i, (i + shift) % n) for i in range(n)])
 
 
-def _visible(cfg, qs: Side, ks: Side):
+def _visible(cfg, qs: base.Side, ks: base.Side):
     """Whether any query of this device sees any key of the shard it holds."""
     state = masks.tile_state(
         cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges)
@@ -104,58 +104,74 @@ def _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=False):
     return carry
 
 
-def _fwd(cfg, axis_name, plan, q, k, v, m):
-    ops = blockwise.kernel_ops(cfg)  # the XLA kernel's passes or a fused kernel's
-    qs, q_, kv = ops.prepare(cfg, q, k, v, m)
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """The kernel's passes over the k/v shards of every device, passed around `axis_name`."""
 
-    def compute(kv, state):
-        k_, v_, kpos, kseg = kv
-        ks = ops.kv_side(cfg, kpos, kseg)
-        return lax.cond(
-            _visible(cfg, qs, ks),
-            lambda c: ops.fwd_pass(cfg, q_, k_, v_, qs, ks, *c),
-            lambda c: c,
-            state,
+    axis_name: str
+    plan: RingPlan
+
+    def forward(self, cfg, q, k, v, m):
+        kern = cfg.kernel
+        qs, q_, kv = base.prepare(cfg, q, k, v, m)
+
+        def compute(kv, state):
+            k_, v_, kpos, kseg = kv
+            ks = base.kv_side(cfg, kpos, kseg)
+            return lax.cond(
+                _visible(cfg, qs, ks),
+                lambda c: kern.fwd_pass(cfg, q_, k_, v_, qs, ks, c),
+                lambda c: c,
+                state,
+            )
+
+        n = lax.axis_size(self.axis_name)
+        state = _ring_loop(
+            n, self.axis_name, self.plan, compute, kv, kern.init_state(cfg, q_, kv[1])
         )
+        return kern.finish_fwd(cfg, q, state)
 
-    n = lax.psum(1, axis_name)
-    state = _ring_loop(n, axis_name, plan, compute, kv, ops.init_fwd_state(cfg, q_))
-    out, lse = ops.finish_fwd(cfg, q, *state)
-    return (out, lse), (q, k, v, m, out, lse)
+    def backward(self, cfg, q, k, v, m, b):
+        kern = cfg.kernel
+        qs, q_, kv = base.prepare(cfg, q, k, v, m)
+        bwd = kern.prepare_bwd(cfg, q, k, b)
 
+        def compute(kv, carry):
+            k_, v_, kpos, kseg = kv
+            dq, (dk, dv) = carry
+            ks = base.kv_side(cfg, kpos, kseg)
+            dq, dk, dv = lax.cond(
+                _visible(cfg, qs, ks),
+                lambda g: kern.bwd_pass(cfg, q_, k_, v_, bwd, qs, ks, g),
+                lambda g: g,
+                (dq, dk, dv),
+            )
+            return dq, (dk, dv)
 
-def _bwd(cfg, axis_name, plan, res, cts):
-    q, k, v, m, out, lse = res
-    ops = blockwise.kernel_ops(cfg)
-    qs, q_, kv = ops.prepare(cfg, q, k, v, m)
-    do_, lse_, delta = ops.prepare_bwd(cfg, k, out, lse, *cts)
-
-    def compute(kv, carry):
-        k_, v_, kpos, kseg = kv
+        dq, dk, dv = kern.init_grads(cfg, q_, kv[0], kv[1])
+        n = lax.axis_size(self.axis_name)
+        carry = _ring_loop(n, self.axis_name, self.plan, compute, kv, (dq, (dk, dv)), True)
         dq, (dk, dv) = carry
-        ks = ops.kv_side(cfg, kpos, kseg)
-        dq, dk, dv = lax.cond(
-            _visible(cfg, qs, ks),
-            lambda g: ops.bwd_pass(cfg, q_, k_, v_, do_, lse_, delta, qs, ks, g),
-            lambda g: g,
-            (dq, dk, dv),
-        )
-        return dq, (dk, dv)
-
-    acc = blockwise.acc_dtype(cfg)
-    zeros = lambda x: jnp.zeros_like(x, dtype=acc)  # noqa: E731
-    carry = (zeros(q_), (zeros(kv[0]), zeros(kv[1])))
-    n = lax.psum(1, axis_name)
-    dq, (dk, dv) = _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=True)
-    return (*ops.finish_bwd(cfg, q, k, v, dq, dk, dv), None)
+        return kern.finish_bwd(cfg, q, k, v, (dq, dk, dv))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(cfg, axis_name, plan, q, k, v, m):
-    return _fwd(cfg, axis_name, plan, q, k, v, m)[0]
+def ring(fn, q, k, v, opts: inputs.Options, m: inputs.MaskArrays, sinks, *, axis_name, layout):
+    """(out, lse) of checked arguments inside shard_map (what `ring_attention` and the hybrid
+    strategy run); positions None in `m` are the layout's, and then the steps the mask needs
+    are known before tracing (`plan_ring`)."""
+    layouts.check_layout_name(fn, layout)
+    n, t, s = lax.axis_size(axis_name), q.shape[1], k.shape[1]
+    from_layout = m.q_pos is None and m.kv_pos is None
+    m = layouts.local_masks(fn, m, layout, lax.axis_index(axis_name), n, t, s)
+    cfg = make_config(fn, opts, q, k, v, m)
+    plan = plan_ring(opts.spec, layout, n, t, s) if from_layout else RingPlan(0, n)
+    q, k, v = (x.astype(cfg.dtype) for x in (q, k, v))
+    return exact_attention(cfg, Ring(axis_name, plan), q, k, v, m, sinks)
 
 
-_ring.defvjp(_fwd, _bwd)
+# Called eagerly inside a user's shard_map, one compiled program instead of every op dispatched on
+# every device; inside a jit it inlines.
+_ring_jit = jax.jit(ring, static_argnums=(0, 4), static_argnames=("axis_name", "layout"))
 
 
 def ring_attention(
@@ -172,6 +188,8 @@ def ring_attention(
     q_positions=None,
     kv_positions=None,
     scale=None,
+    logits_soft_cap=None,
+    sinks=None,
     block_q=512,
     block_k=512,
     return_lse=False,
@@ -181,38 +199,32 @@ def ring_attention(
     """Exact attention over a sequence sharded along the mesh axis `axis_name`.
 
     Call inside `jax.shard_map`; q/k/v, segment ids and positions are this device's shards, in
-    `layout` order. Positions not given are those `layout` assigns to this device. Returns the
-    local output (and lse [B, H, T_local], f32), exactly as dense attention over the whole sequence.
-    `tile_callback` as in `blockwise_attention`: it sees every tile every device computes.
-    `kernel` as in `blockwise_attention`: the single-device kernel every step runs.
+    `layout` order, `sinks` [H] the whole (replicated) vector. Positions not given are those
+    `layout` assigns to this device. Returns the local output (and lse [B, H, T_local], f32),
+    exactly as dense attention over the whole sequence. `tile_callback` as in
+    `blockwise_attention`: it sees every tile every device computes. `kernel` as in
+    `blockwise_attention`: the single-device kernel every step runs.
     """
     fn = "ring_attention"
-    n = lax.psum(1, axis_name)
-    # With positions from the layout, the steps the mask needs are known before tracing.
-    from_layout = q_positions is None and kv_positions is None
-    spec, m, scale = layouts.check_local(
+    opts, m, sinks = inputs.check(
         fn,
         q,
         k,
         v,
-        lax.axis_index(axis_name),
-        n,
-        layout=layout,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
+        block_q=block_q,
+        block_k=block_k,
+        kernel=kernel,
+        tile_callback=tile_callback,
+        fill_positions=False,
     )
-    t, s = q.shape[1], k.shape[1]
-    blockwise.check_blocks(fn, block_q, block_k)
-    dtype = jnp.result_type(q, k, v)
-    kern = dispatch.resolve(fn, kernel, dtype, q.shape[-1], t, s, tile_callback)
-    bq, bk = dispatch.blocks(kern, block_q, block_k, t, s)
-    cfg = Config(spec, scale, bq, bk, s, dtype, tile_callback, kern)
-    plan = plan_ring(spec, layout, n, t, s) if from_layout else RingPlan(0, n)
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    out, lse = _ring(cfg, axis_name, plan, q, k, v, m)
+    out, lse = _ring_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

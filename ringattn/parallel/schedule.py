@@ -3,7 +3,7 @@
 Everything is derived from the predicates the kernels run, on the positions the layout gives each
 shard (segment ids are data, unknown here: a schedule is the worst case over them):
 
-* per-block `masks.Ranges` built by `blockwise.make_side` (blocks of block_q / block_k inside each
+* per-block `masks.Ranges` built by `base.make_side` (blocks of block_q / block_k inside each
   shard, edge-padded) and `masks.tile_state` decide which tiles a pass computes (not SKIP) and
   which it masks (PARTIAL);
 * ring: `ring.plan_ring` decides which steps run; at step s device r holds the k/v shard of
@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ringattn.attention import blockwise, inputs, masks
+from ringattn.attention import inputs, masks
 from ringattn.attention.masks import FULL, PARTIAL, SKIP, MaskSpec
 from ringattn.parallel import layouts, ring
 
@@ -105,7 +105,7 @@ def mask_spec(fn, causal, local_window_size) -> MaskSpec:
 
 def block_ranges(pos_ML, block):
     """(lo, hi) [M, nb] position ranges of the blocks of each shard, built as the kernels build
-    them (`blockwise.make_side`: edge padding to whole blocks, then min / max per block)."""
+    them (`base.make_side`: edge padding to whole blocks, then min / max per block)."""
     pad = -pos_ML.shape[1] % block
     pos = np.pad(pos_ML, ((0, 0), (0, pad)), mode="edge").reshape(pos_ML.shape[0], -1, block)
     return pos.min(-1), pos.max(-1)
@@ -201,7 +201,7 @@ def tile_schedule(
     kv_len = seq_len if kv_len is None else kv_len
     for name, x in (("seq_len", seq_len), ("kv_len", kv_len), ("num_shards", num_shards)):
         check_int(fn, name, x)
-    blockwise.check_blocks(fn, block_q, block_k)
+    inputs.check_blocks(fn, block_q, block_k)
     spec = mask_spec(fn, causal, local_window_size)
     layouts.check_layout(fn, layout, seq_len, num_shards, "`seq_len`")
     layouts.check_layout(fn, layout, kv_len, num_shards, "`kv_len`")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 
+import jax
 from jax import lax
 
-from ringattn.attention import blockwise
+from ringattn.attention import blockwise, inputs
 from ringattn.parallel import layouts
 from ringattn.parallel.allgather import gather_sequence
 
@@ -53,32 +54,33 @@ def lse_to_sequence(lse_BHL, axis_name):
     return lax.all_to_all(lse_BHL, axis_name, split_axis=2, concat_axis=1, tiled=True)
 
 
-def ulysses(attend, fn, q, k, v, *, axis_name, m, spec, scale):
-    """`attend` on head shards between the two all-to-alls over `axis_name`.
-
-    `attend(q, k, v, causal=, local_window_size=, segment_ids=, kv_segment_ids=, q_positions=,
-    kv_positions=, scale=)` -> (out, lse) sees the whole sequence of its group of devices, with
-    positions and segment ids gathered to match; `m` holds the local ones.
-    """
-    n = lax.psum(1, axis_name)
+def ulysses(fn, q, k, v, opts, m, sinks, *, axis_name, layout, attend=blockwise.attend):
+    """(out, lse) of checked arguments inside shard_map: `attend(fn, q, k, v, opts, m, sinks)`
+    on head shards, between the two all-to-alls over `axis_name`, with the positions and segment
+    ids of the whole sequence of its group of devices and the sinks of its heads; positions None
+    in `m` are the layout's."""
+    layouts.check_layout_name(fn, layout)
+    n, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
     check_heads(fn, q.shape[2], n, axis_name)
+    m = layouts.local_masks(fn, m, layout, index, n, q.shape[1], k.shape[1])
     q_h = to_heads(q, axis_name)
     k_h, v_h = (to_heads(repeat_kv(x, n), axis_name) for x in (k, v))
     q_seg = gather_sequence(m.q_seg, axis_name)
     kv_seg = q_seg if m.kv_seg is m.q_seg else gather_sequence(m.kv_seg, axis_name)
-    out, lse = attend(
-        q_h,
-        k_h,
-        v_h,
-        causal=spec.causal,
-        local_window_size=spec.window,
-        segment_ids=q_seg,
-        kv_segment_ids=kv_seg,
-        q_positions=gather_sequence(m.q_pos, axis_name),
-        kv_positions=gather_sequence(m.kv_pos, axis_name),
-        scale=scale,
+    whole = inputs.MaskArrays(
+        gather_sequence(m.q_pos, axis_name), gather_sequence(m.kv_pos, axis_name), q_seg, kv_seg
     )
+    if sinks is not None:  # this device's query heads
+        heads = q_h.shape[2]
+        sinks = lax.dynamic_slice_in_dim(sinks, index * heads, heads)
+    out, lse = attend(fn, q_h, k_h, v_h, opts, whole, sinks)
     return to_sequence(out, axis_name), lse_to_sequence(lse, axis_name)
+
+
+# One compiled program when called eagerly inside a user's shard_map (ring._ring_jit).
+_ulysses_jit = jax.jit(
+    ulysses, static_argnums=(0, 4), static_argnames=("axis_name", "layout", "attend")
+)
 
 
 def ulysses_attention(
@@ -95,6 +97,8 @@ def ulysses_attention(
     q_positions=None,
     kv_positions=None,
     scale=None,
+    logits_soft_cap=None,
+    sinks=None,
     block_q=512,
     block_k=512,
     return_lse=False,
@@ -107,25 +111,24 @@ def ulysses_attention(
     multiple of the axis size. `kernel` as in `blockwise_attention`.
     """
     fn = "ulysses_attention"
-    spec, m, scale = layouts.check_local(
+    opts, m, sinks = inputs.check(
         fn,
         q,
         k,
         v,
-        lax.axis_index(axis_name),
-        lax.psum(1, axis_name),
-        layout=layout,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
         causal=causal,
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
         scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
+        block_q=block_q,
+        block_k=block_k,
+        kernel=kernel,
+        fill_positions=False,
     )
-    blockwise.check_blocks(fn, block_q, block_k)
-    attend = lambda *a, **kw: blockwise.blockwise_attention(  # noqa: E731
-        *a, **kw, block_q=block_q, block_k=block_k, return_lse=True, kernel=kernel
-    )
-    out, lse = ulysses(attend, fn, q, k, v, axis_name=axis_name, m=m, spec=spec, scale=scale)
+    out, lse = _ulysses_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -35,6 +35,7 @@ BAD_QKV = {
     "q_int": (dict(q=np.zeros((B, T, H, D), np.int32)), TypeError, r"`q` must be a floating"),
     "v_bool": (dict(v=np.zeros((B, S, K, D), bool)), TypeError, r"`v` must be a floating"),
     "kv_shapes": (dict(v=np.zeros((B, S + 1, K, D), np.float32)), ValueError, r"`k` and `v`"),
+    "kv_heads": (dict(v=np.zeros((B, S, K + 1, D), np.float32)), ValueError, r"`k` and `v`"),
     "head_dims": (
         dict(k=np.zeros((B, S, K, D + 1), np.float32), v=np.zeros((B, S, K, D + 1), np.float32)),
         ValueError,
@@ -79,6 +80,13 @@ BAD_KWARGS = {
     "window_triple": (dict(local_window_size=(1, 2, 3)), TypeError, "`local_window_size`"),
     "causal_str": (dict(causal="yes"), TypeError, "`causal`"),
     "scale_array": (dict(scale=np.ones(2)), TypeError, "`scale`"),
+    "soft_cap_zero": (dict(logits_soft_cap=0.0), ValueError, "`logits_soft_cap`"),
+    "soft_cap_negative": (dict(logits_soft_cap=-3), ValueError, "`logits_soft_cap`"),
+    "soft_cap_inf": (dict(logits_soft_cap=float("inf")), ValueError, "`logits_soft_cap`"),
+    "soft_cap_array": (dict(logits_soft_cap=np.ones(1)), TypeError, "`logits_soft_cap`"),
+    "sinks_shape": (dict(sinks=np.zeros((H, 1), np.float32)), ValueError, r"`sinks`.*\(4,\)"),
+    "sinks_per_kv_head": (dict(sinks=np.zeros(K, np.float32)), ValueError, "`sinks`"),
+    "sinks_int": (dict(sinks=np.zeros(H, np.int32)), TypeError, "`sinks`"),
 }
 
 
@@ -140,16 +148,9 @@ def test_normalize_window(given, want):
 
 
 def normalize(q, k, v, **kwargs):
-    args = dict(
-        causal=False,
-        local_window_size=None,
-        segment_ids=None,
-        kv_segment_ids=None,
-        q_positions=None,
-        kv_positions=None,
-        scale=None,
-    )
-    return inputs.check_and_normalize("f", q, k, v, **{**args, **kwargs})
+    """(MaskSpec, MaskArrays, scale) from inputs.check's bundle."""
+    opts, m, _ = inputs.check("f", q, k, v, **kwargs)
+    return opts.spec, m, opts.scale
 
 
 def test_defaults():
@@ -187,3 +188,9 @@ def test_segments_and_positions_normalised():
 def test_position_shapes_accepted(shape):
     _, m, _ = normalize(*arrays(), kv_positions=np.zeros(shape, np.int32))
     assert m.kv_pos.shape == ((1, S) if len(shape) == 1 else shape)
+
+
+def test_v_may_have_its_own_head_dim():
+    q, k, _ = arrays()
+    out = ringattn.reference_attention(q, k, np.ones((B, S, K, 3), np.float32))
+    assert out.shape == (B, T, H, 3)

@@ -33,12 +33,19 @@ def rope(x, pos):
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-@functools.cache
 def step_fn(**static):
+    return _step_fn(**{n: tuple(x) if isinstance(x, np.ndarray) else x for n, x in static.items()})
+
+
+@functools.cache
+def _step_fn(sinks=None, **static):
+    """One jitted decode step per static configuration (sinks: a tuple, baked in)."""
+
     @jax.jit
     def step(cache, q, k_new, v_new, pos_new):
         cache = cache_lib.update(cache, k_new, v_new, pos_new)
-        return cache, attend_lib.attend(q, pos_new, cache, **static, return_lse=True)
+        s = None if sinks is None else jnp.asarray(sinks, q.dtype)
+        return cache, attend_lib.attend(q, pos_new, cache, **static, sinks=s, return_lse=True)
 
     return step
 
@@ -243,3 +250,38 @@ def test_attend_rejects_bad_inputs(change, name):
     q, q_pos = args.pop("q"), args.pop("q_pos")
     with pytest.raises(ValueError, match=f"`{name}`"):
         attend_lib.attend(q, q_pos, cache, **args)
+
+
+def test_variants_decode_like_the_reference(helpers):
+    """Soft cap, sinks, a layer's local window and a v head dim of its own, decoded token by
+    token through a full cache, against reference_attention with the same variants."""
+    h, kh, dv, window, cap = 4, 2, 6, 4, 2.0
+    q, k, _ = data(h, kh, np.float64)
+    v = np.random.default_rng(5).standard_normal((B, T, kh, dv))
+    sinks = np.random.default_rng(6).standard_normal(h)
+    cache = cache_lib.init_cache("full", B, T, kh, D, np.float64, v_head_dim=dv)
+    out, lse, _ = decode(
+        cache, q, k, v, positions(T), prefill=3, logits_soft_cap=cap, local_window=window,
+        sinks=sinks,
+    )  # fmt: skip
+    ref, ref_lse = ringattn.reference_attention(
+        q, k, v, causal=True, local_window_size=(window, 0), logits_soft_cap=cap, sinks=sinks,
+        return_lse=True,
+    )  # fmt: skip
+    helpers.assert_close(out, ref, 1e-12, "out")
+    helpers.assert_close(lse, ref_lse, 1e-12, "lse")
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(logits_soft_cap=0.0), "logits_soft_cap"),
+        (dict(sinks=np.zeros(3)), "sinks"),
+        (dict(local_window=-1), "local_window"),
+    ],
+)
+def test_attend_rejects_bad_variants(change, name):
+    cache = cache_lib.init_cache("full", B, 8, 2, D, np.float32)
+    q, q_pos = jnp.zeros((B, 1, 4, D)), jnp.zeros((B, 1), jnp.int32)
+    with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
+        attend_lib.attend(q, q_pos, cache, **change)

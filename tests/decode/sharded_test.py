@@ -94,6 +94,30 @@ def test_sharded_cache_equals_single_device(helpers, case, n):
         helpers.assert_close(lse, lse_1, 1e-6, f"lse {i}")
 
 
+def test_sharded_variants_equal_single_device(helpers):
+    """Sinks (added once, after the shards merge), a soft cap and a local window: the sharded
+    cache gives the single device's results."""
+    mesh = helpers.ring_mesh(4, AXIS)
+    sinks = jnp.asarray(np.random.default_rng(1).standard_normal(H), jnp.float32)
+    static = dict(logits_soft_cap=2.0, local_window=5, sinks=sinks, return_lse=True)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(on_mesh, cache, q, k, v, pos):
+        if not on_mesh:
+            cache = cache_lib.update(cache, k, v, pos)
+            return cache, attend_lib.attend(q, pos, cache, **static)
+        cache = sharded.update_on_mesh(cache, k, v, pos, mesh=mesh, axis_name=AXIS)
+        return cache, sharded.attend_on_mesh(q, pos, cache, mesh=mesh, axis_name=AXIS, **static)
+
+    cache_1 = cache_lib.init_cache("full", B, 16, K, D)
+    cache_n = sharded.shard_cache(cache_1, mesh, AXIS)
+    for args in make_steps(12, [9, 1, 1, 1]):
+        cache_1, (out_1, lse_1) = step(False, cache_1, *args)
+        cache_n, (out, lse) = step(True, cache_n, *args)
+        helpers.assert_close(out, out_1, 1e-6, "out")
+        helpers.assert_close(lse, lse_1, 1e-6, "lse")
+
+
 def test_data_and_context_mesh(helpers):
     """Batch over "data" and sequence over "context": the same as the single-device cache;
     the cache created sharded with cache_sharding."""

@@ -34,28 +34,67 @@ def inputs(seed=0):
     return tokens, pos, seg, w
 
 
+# Gemma 2 / gpt-oss / MLA-style: soft cap, learned sinks, a v head dim of its own, and local
+# (window 6) layers alternating with global ones.
+VARIANTS = dict(logits_soft_cap=4.0, sinks=True, sliding_window=6, global_every=2)
+
+
+def config(variants=False, **attention):
+    a = dict(VARIANTS if variants else {}, **attention)
+    cfg = dataclasses.replace(CFG, attention=AttentionConfig(**a))
+    return dataclasses.replace(cfg, v_head_dim=12, num_layers=4) if variants else cfg
+
+
 @functools.cache
-def params():
+def params(variants=False):
     tokens, pos, seg, _ = inputs()
-    return nn.unbox(Transformer(CFG).init(jax.random.key(1), tokens, pos, seg))["params"]
+    model = Transformer(config(variants, impl="dense"))
+    p = nn.unbox(model.init(jax.random.key(1), tokens, pos, seg))["params"]
+    if variants:  # sinks start at 0: make them matter
+        p = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.7 if "sinks" in jax.tree_util.keystr(path) else x, p
+        )
+    return p
+
+
+def _stacked(p, cfg):
+    """The same parameters stacked along a leading layer axis (groups of `global_every`)."""
+    every = cfg.attention.global_every if cfg.attention.sliding_window else 0
+    layers = [p[f"layer_{i}"] for i in range(cfg.num_layers)]
+    p = {k: v for k, v in p.items() if not k.startswith("layer_")}
+    if every:
+        groups = [layers[i::every] for i in range(every)]
+        p["layers"] = {
+            f"block_{i}": jax.tree.map(lambda *xs: jnp.stack(xs), *g) for i, g in enumerate(groups)
+        }
+    else:
+        p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return p
+
+
+def _unstacked(grads, cfg):
+    grads = dict(grads)
+    stacked = grads.pop("layers")
+    every = cfg.attention.global_every if cfg.attention.sliding_window else 0
+    for i in range(cfg.num_layers):
+        tree = stacked[f"block_{i % every}"] if every else stacked
+        grads[f"layer_{i}"] = jax.tree.map(lambda x: x[i // every if every else i], tree)  # noqa: B023
+    return grads
 
 
 @functools.cache
-def logits_and_grads(impl, layout, scan=False, remat="none"):
+def logits_and_grads(impl, layout, scan=False, remat="none", variants=False):
     """Logits and parameter gradients in natural token order."""
     mesh = make_mesh(dict(data=2, context=4))
     cfg = dataclasses.replace(
-        CFG,
-        attention=AttentionConfig(impl=impl, layout=layout, block_q=4, block_k=4),
+        config(variants, impl=impl, layout=layout, block_q=4, block_k=4),
         scan_layers=scan,
         remat=remat,
     )
     model = Transformer(cfg, None if impl == "dense" else mesh)
-    p = params()
-    if scan:  # the same parameters stacked along a leading layer axis
-        layers = [p[f"layer_{i}"] for i in range(cfg.num_layers)]
-        p = {k: v for k, v in p.items() if not k.startswith("layer_")}
-        p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    p = params(variants)
+    if scan:
+        p = _stacked(p, cfg)
     to = lambda x: np.asarray(ringattn.to_layout(x, layout, 4))  # noqa: E731
     tokens, pos, seg, w = (to(x) for x in inputs())
 
@@ -69,10 +108,7 @@ def logits_and_grads(impl, layout, scan=False, remat="none"):
 
     grads, logits = run(p)
     if scan:
-        grads = dict(grads)
-        stacked = grads.pop("layers")
-        for i in range(cfg.num_layers):
-            grads[f"layer_{i}"] = jax.tree.map(lambda x: x[i], stacked)  # noqa: B023
+        grads = _unstacked(grads, cfg)
     return np.asarray(ringattn.from_layout(logits, layout, 4)), grads
 
 
@@ -99,6 +135,46 @@ def test_scan_and_remat_equal_the_loop():
         logits_and_grads("ring", "zigzag", scan=True, remat="full"),
         logits_and_grads("dense", "contiguous"),
     )
+
+
+@pytest.mark.parametrize(
+    "impl, layout, scan", [("ring", "zigzag", False), ("ulysses", "striped", True)]
+)
+def test_variant_model_equals_dense(impl, layout, scan):
+    """Soft cap, learned sinks (their gradients too), v head dim 12 and alternating local and
+    global layers: the context-parallel model equals the dense one (scanned in groups too)."""
+    got = logits_and_grads(impl, layout, scan=scan, variants=True)
+    want = logits_and_grads("dense", "contiguous", variants=True)
+    assert "sinks" in want[1]["layer_0"]["attn"]
+    assert want[1]["layer_0"]["attn"]["value"].shape == (32, 2, 12)
+    assert_same(got, want)
+
+
+def test_local_layers_see_only_their_window():
+    """Layer windows follow the pattern (local, global, local, global), and a model of local
+    layers only (window 6, two of them: a reach of 10 tokens back) on the ring: d logits[t] /
+    d x[s] is nonzero exactly for t - 10 <= s <= t within t's document."""
+    assert [config(True).layer_window(i) for i in range(4)] == [6, None, 6, None]
+    mesh = make_mesh(dict(data=2, context=4))
+    cfg = config(impl="ring", block_q=4, block_k=4, sliding_window=6)
+    model = Transformer(cfg, mesh)
+    tokens, pos, seg, _ = inputs()
+    p = {"params": params()}
+    x = model.apply(p, tokens, method=Transformer.embed)
+
+    @jax.jit
+    def sensitivity(x, t):
+        f = lambda x: jnp.sum(  # noqa: E731
+            model.apply(p, x, pos, seg, method=Transformer.from_embeddings)[:, t] ** 2
+        )
+        return jnp.abs(jax.grad(f)(x)).sum(-1)  # [B, T]
+
+    for t in (9, 25, T - 1):
+        s = np.asarray(sensitivity(x, t))
+        near = (np.arange(T)[None] <= t) & (np.arange(T)[None] >= t - 10)
+        visible = (seg == seg[:, t : t + 1]) & near
+        assert np.all(s[~visible] == 0), t
+        assert np.all(s[visible] > 0), t
 
 
 def test_gradients_are_causal_within_documents():

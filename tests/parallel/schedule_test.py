@@ -1,7 +1,7 @@
 """Tile schedules against brute force and the kernels themselves; balance; the cost model.
 
 Brute force: visibility of every (query, key) pair from the layout's positions
-(`masks.token_visible`), tile states from `masks.tile_state` on the ranges `blockwise.make_side`
+(`masks.token_visible`), tile states from `masks.tile_state` on the ranges `base.make_side`
 builds, and the tiles the ring kernel reports through its tile callback.
 """
 
@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ringattn
-from ringattn.attention import blockwise, masks
+from ringattn.attention import masks
+from ringattn.attention.kernels import base
 from ringattn.attention.masks import FULL, PARTIAL, SKIP
 from ringattn.parallel import costs, layouts, ring, schedule
 
@@ -80,7 +81,7 @@ def _spec(causal, window):
 @functools.cache
 def _ranges_of(pos_bytes, block):
     pos = np.frombuffer(pos_bytes, np.int32)
-    ranges = blockwise.make_side(jnp.asarray(pos[None]), None, block).ranges
+    ranges = base.make_side(jnp.asarray(pos[None]), None, block).ranges
     return masks.Ranges(*(None if x is None else np.asarray(x) for x in ranges))
 
 
@@ -90,7 +91,7 @@ def _ranges(pos, block):
 
 
 def _kernel_state(spec, qpos, kpos, bq, bk, i, b, kv_len):
-    """The kernel's state of tile (i, b) (blockwise._state, from its public parts)."""
+    """The kernel's state of tile (i, b) (xla._state, from its public parts)."""
     st = int(
         masks.tile_state(
             spec,

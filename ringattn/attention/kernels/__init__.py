@@ -1,1 +1,2 @@
-"""Fused single-device attention kernels behind the (out, lse) interface of blockwise.py."""
+"""Single-device attention kernels behind one pass interface (base.py): XLA, Pallas GPU,
+cuDNN and splash."""

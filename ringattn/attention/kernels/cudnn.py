@@ -118,7 +118,7 @@ class Cudnn(fused.FusedKernel):
     """cuDNN for FULL and causal-diagonal steps, `fallback` for the others."""
 
     name: ClassVar[str] = "cudnn"
-    fallback: PallasGpu = PallasGpu()
+    fallback: fused.FusedKernel = PallasGpu()  # the steps cuDNN cannot express
 
     @property
     def pad_q(self):
@@ -131,17 +131,29 @@ class Cudnn(fused.FusedKernel):
     def fit(self, q_len, kv_len):
         return dataclasses.replace(self, fallback=self.fallback.fit(q_len, kv_len))
 
-    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, o, lse):
+    def supports(self, soft_cap, head_dim, v_head_dim):
+        if soft_cap is not None:
+            return "cuDNN's fused attention takes no logit soft cap"
+        if v_head_dim != head_dim:
+            return f"it needs v's head dim ({v_head_dim}) to equal q's and k's ({head_dim})"
+        return None
+
+    def _step_class(self, cfg, q_, v_, qs, ks):
+        """fused.step_class, PARTIAL (the fallback) wherever cuDNN cannot express the call."""
+        if self.supports(cfg.soft_cap, q_.shape[-1], v_.shape[-1]) is not None:
+            return jnp.int32(fused.PARTIAL)
+        return fused.step_class(cfg, qs, ks)
+
+    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, state):
         def lib(causal):
             return lambda o, lse: fused.merge(o, lse, *cudnn_fwd(q_, k_, v_, cfg.scale, causal))
 
         def fallback(o, lse):
-            return self.fallback.fwd_pass(cfg, q_, k_, v_, qs, ks, o, lse)
+            return self.fallback.fwd_pass(cfg, q_, k_, v_, qs, ks, (o, lse))
 
         branches = dict(skip=lambda o, lse: (o, lse), full=lib(False), diag=lib(True))
-        return fused.switch_step(
-            fused.step_class(cfg, qs, ks), dict(branches, partial=fallback), o, lse
-        )
+        cls = self._step_class(cfg, q_, v_, qs, ks)
+        return fused.switch_step(cls, dict(branches, partial=fallback), *state)
 
     def attend(self, cfg, q_, k_, v_, qs, ks):
         def lib(causal):
@@ -152,27 +164,29 @@ class Cudnn(fused.FusedKernel):
             return run
 
         branches = dict(
-            skip=lambda: self.init_fwd_state(cfg, q_),
+            skip=lambda: self.init_state(cfg, q_, v_),
             full=lib(False),
             diag=lib(True),
             partial=lambda: self.fallback.attend(cfg, q_, k_, v_, qs, ks),
         )
-        return fused.switch_step(fused.step_class(cfg, qs, ks), branches)
+        return fused.switch_step(self._step_class(cfg, q_, v_, qs, ks), branches)
 
-    def bwd_pass(self, cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads):
+    def bwd_pass(self, cfg, q_, k_, v_, bwd, qs, ks, grads):
+        do_, lse_, aux = bwd
+
         def lib(causal):
             def run(grads):
                 dq, dk, dv = cudnn_bwd(q_, k_, v_, aux.out, lse_, do_, cfg.scale, causal)
-                # Ours are f32, dq and dk without the scale (blockwise.finish_bwd applies it).
+                # Ours are f32, dq and dk without the scale (finish_bwd applies it).
                 unscale = lambda x: x.astype(jnp.float32) / cfg.scale  # noqa: E731
                 return grads[0] + unscale(dq), grads[1] + unscale(dk), grads[2] + dv
 
             return run
 
         def fallback(grads):
-            return self.fallback.bwd_pass(cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads)
+            return self.fallback.bwd_pass(cfg, q_, k_, v_, bwd, qs, ks, grads)
 
-        cls = fused.step_class(cfg, qs, ks)
+        cls = self._step_class(cfg, q_, v_, qs, ks)
         cls = jnp.where(aux.dlse_nonzero & (cls != fused.SKIP), fused.PARTIAL, cls)
         branches = dict(skip=lambda g: g, full=lib(False), diag=lib(True), partial=fallback)
         return fused.switch_step(cls, branches, grads)

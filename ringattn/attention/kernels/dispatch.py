@@ -1,34 +1,56 @@
 """`kernel=`: which single-device kernel the attention functions run, by name or as an object.
 
-  "xla"         the pure-JAX blockwise kernel (blockwise.py): every backend, dtype and mask
+  "xla"         the pure-JAX blockwise kernel (xla.py): every backend, dtype, mask and variant
   "pallas_gpu"  our Pallas/Triton kernel (pallas_gpu.py); on a non-GPU platform it runs in the
                 Pallas interpreter (slow: for tests)
   "cudnn"       cuDNN flash attention for unmasked and causal-diagonal steps, Pallas for the
                 others (cudnn.py); CUDA GPUs, bf16/f16, head dim a multiple of 8
   "pallas_tpu"  JAX's splash attention for the steps it expresses, XLA for the others
                 (splash.py); on a non-TPU platform in the TPU interpreter (slow: for tests)
-  "auto"        cuDNN for bf16/f16 on CUDA GPUs where it applies, else Pallas GPU on GPUs,
-                splash on TPUs, XLA on CPUs (and whenever a tile_callback is given)
+  "auto"        the first kernel of the platform's chain that runs: cuDNN -> our Pallas -> XLA
+                on CUDA GPUs, splash -> XLA on TPUs, XLA on CPUs (and whenever a tile_callback
+                is given)
 
 Objects (`PallasGpu(block_q=..., interpret=True)`, `Cudnn(fallback=...)`, `PallasTpu(...)`) set
 a kernel's tiles and launch options. The platform is that of the mesh being traced under
 (inside shard_map or a `jax.set_mesh`), else the default backend.
+
+A fused kernel is probed (probe.py) the first time a combination (kernel, dtype, head dims, mask
+kind) is used: compiled and run once on a small problem, outside the caller's trace, against
+the XLA kernel. Under "auto" one that fails is skipped with a warning, once; a kernel asked for
+by name or object that fails raises an error naming the cause and the kernels that would work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from ringattn.attention.kernels import cudnn, fused, splash
+from ringattn.attention.kernels import cudnn, fused, probe, splash
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
+from ringattn.attention.kernels.xla import Xla
 
 KERNELS = ("auto", "xla", "pallas_gpu", "cudnn", "pallas_tpu")
 _GPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _HALF = (jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What decides a kernel: the call's static options and its local shapes and dtype."""
+
+    fn: str
+    dtype: jnp.dtype
+    head_dim: int
+    v_head_dim: int
+    q_len: int
+    kv_len: int
+    kind: probe.MaskKind
+    where: str
 
 
 def platform():
@@ -60,112 +82,137 @@ def needs_vma_off(kernel, where):
     return interpreted(kernel, where) or splash_kernel or (kernel == "auto" and where == "tpu")
 
 
-def blocks(kern, block_q, block_k, q_len, kv_len):
-    """The Config's (block_q, block_k): the XLA tiles, or the fused kernel's padding multiples."""
-    if kern is None:
-        return min(block_q, q_len), min(block_k, kv_len)
-    return kern.pad_q, kern.pad_k
-
-
 def _dtype_in(dtype, allowed):
     return any(jnp.dtype(dtype) == jnp.dtype(a) for a in allowed)
 
 
-def _cudnn_problem(dtype, head_dim, where):
-    """Why cuDNN cannot run these inputs here (None if it can)."""
-    if where != "gpu":
-        return f"it needs a CUDA GPU and the platform is {where!r}"
-    if not _dtype_in(dtype, _HALF):
-        return f"it takes bfloat16/float16 inputs, got {jnp.dtype(dtype).name}"
-    reason = cudnn.unavailable_reason()
-    if reason is None and (head_dim % 8 or head_dim > cudnn.max_head_dim()):
-        return f"it needs a head dim that is a multiple of 8 and <= {cudnn.max_head_dim()}"
-    return None
+def _problem(name, c: Call):
+    """Why the kernel `name` cannot run call `c` on its platform (None if it can), before any
+    probe: platform, dtype, head dim and the variants it expresses."""
+    if name == "xla":
+        return None
+    if name == "pallas_gpu":
+        if c.where == "gpu" and not _dtype_in(c.dtype, _GPU_DTYPES):
+            return f"it takes float32/bfloat16/float16 inputs, got {jnp.dtype(c.dtype).name}"
+        return None
+    if name == "cudnn":
+        if c.where != "gpu":
+            return f"it needs a CUDA GPU and the platform is {c.where!r}"
+        if not _dtype_in(c.dtype, _HALF):
+            return f"it takes bfloat16/float16 inputs, got {jnp.dtype(c.dtype).name}"
+        reason = cudnn.unavailable_reason()
+        if reason is not None:
+            return reason
+        if c.head_dim % 8 or c.head_dim > cudnn.max_head_dim():
+            return f"it needs a head dim that is a multiple of 8 and <= {cudnn.max_head_dim()}"
+        return cudnn.Cudnn().supports(c.kind.soft_cap, c.head_dim, c.v_head_dim)
+    if name == "pallas_tpu":
+        why = splash.problem(c.dtype, c.head_dim)
+        return why or splash.PallasTpu().supports(c.kind.soft_cap, c.head_dim, c.v_head_dim)
+    raise AssertionError(name)
 
 
-def _working(dtype, head_dim, where):
-    """The kernel names that would run these inputs on this platform."""
-    names = ["xla"]
-    if _dtype_in(dtype, _GPU_DTYPES) or where != "gpu":
-        names.append("pallas_gpu")
-    if _cudnn_problem(dtype, head_dim, where) is None and cudnn.unavailable_reason() is None:
-        names.append("cudnn")
-    if splash.problem(dtype, head_dim) is None:
-        names.append("pallas_tpu")
-    return names
+def _working(c: Call):
+    return [n for n in KERNELS[1:] if _problem(n, c) is None]
 
 
-def _unsupported(fn, kernel, why, dtype, head_dim, where):
+def _unsupported(c: Call, kernel, why):
     return ValueError(
-        f"{fn}: kernel={kernel!r} cannot run here: {why}. Kernels that would work: "
-        f"{_working(dtype, head_dim, where)}."
+        f"{c.fn}: kernel={kernel!r} cannot run here: {why}. Kernels that would work: {_working(c)}."
     )
 
 
-def _named(fn, kernel, dtype, head_dim, where):
-    """The kernel object a name stands for (None: XLA)."""
-    if kernel == "xla":
-        return None
-    if kernel == "pallas_gpu":
-        if where != "gpu":
-            warn_once(f"kernel='pallas_gpu' on platform {where!r} runs in the Pallas interpreter.")
+def _named(c: Call, name):
+    """The kernel object a name stands for; raises if it cannot run the call."""
+    why = _problem(name, c)
+    if why is not None and not (name == "cudnn" and cudnn.unavailable_reason() == why):
+        raise _unsupported(c, name, why)
+    if name == "xla":
+        return Xla()
+    if name == "pallas_gpu":
+        if c.where != "gpu":
+            warn_once(
+                f"kernel='pallas_gpu' on platform {c.where!r} runs in the Pallas interpreter."
+            )
             return PallasGpu(interpret=True)
-        if not _dtype_in(dtype, _GPU_DTYPES):
-            why = f"it takes float32/bfloat16/float16 inputs, got {jnp.dtype(dtype).name}"
-            raise _unsupported(fn, kernel, why, dtype, head_dim, where)
         return PallasGpu()
-    if kernel == "cudnn":
-        why = _cudnn_problem(dtype, head_dim, where)
-        if why is not None:
-            raise _unsupported(fn, kernel, why, dtype, head_dim, where)
-        reason = cudnn.unavailable_reason()
-        if reason is not None:
-            warn_once(f"kernel='cudnn' is unavailable ({reason}); using 'pallas_gpu' instead.")
+    if name == "cudnn":
+        if why is not None:  # the API itself is missing: the next kernel of the chain
+            warn_once(f"kernel='cudnn' is unavailable ({why}); using 'pallas_gpu' instead.")
             return PallasGpu()
         return cudnn.Cudnn()
-    if kernel == "pallas_tpu":
-        why = splash.problem(dtype, head_dim)
-        if why is not None:
-            raise _unsupported(fn, kernel, why, dtype, head_dim, where)
-        if where != "tpu":
-            warn_once(f"kernel='pallas_tpu' on platform {where!r} runs in the TPU interpreter.")
-        return splash.PallasTpu(interpret=where != "tpu")
-    raise AssertionError(kernel)
+    if c.where != "tpu":
+        warn_once(f"kernel='pallas_tpu' on platform {c.where!r} runs in the TPU interpreter.")
+    return splash.PallasTpu(interpret=c.where != "tpu")
 
 
-def _auto(dtype, head_dim, where):
-    if where == "gpu":
-        if _cudnn_problem(dtype, head_dim, where) is None and cudnn.unavailable_reason() is None:
-            return cudnn.Cudnn()
-        return PallasGpu() if _dtype_in(dtype, _GPU_DTYPES) else None
-    if where == "tpu" and splash.problem(dtype, head_dim) is None:
-        return splash.PallasTpu()
+def _auto(c: Call):
+    """The first kernel of the platform's chain that passes its probe (module docstring)."""
+    if c.where == "gpu" and _problem("pallas_gpu", c) is None:
+        pallas = _first_working(c, [PallasGpu()])
+        partial = pallas or fused.FusedXla()  # cuDNN's steps it cannot express
+        if _problem("cudnn", c) is None:
+            chosen = _first_working(c, [cudnn.Cudnn(fallback=partial)])
+            if chosen is not None:
+                return chosen
+        return pallas or Xla()
+    if c.where == "tpu" and _problem("pallas_tpu", c) is None:
+        return _first_working(c, [splash.PallasTpu()]) or Xla()
+    return Xla()
+
+
+def _first_working(c: Call, kernels):
+    for kern in kernels:
+        why = probe.failure(kern.fit(c.q_len, c.kv_len), c.dtype, c.head_dim, c.v_head_dim, c.kind)
+        if why is None:
+            return kern
+        warn_once(
+            f"{c.fn}: kernel {kern.name!r} failed its check on {jnp.dtype(c.dtype).name}, head "
+            f"dim {c.head_dim}, {c.kind}: {why}. Using the next kernel."
+        )
     return None
 
 
-def resolve(fn, kernel, dtype, head_dim, q_len, kv_len, tile_callback=None):
-    """The fused kernel object (fitted to the local lengths) to run, or None for XLA.
+def resolve(fn, opts, dtype, head_dim, v_head_dim, q_len, kv_len, segments=False):
+    """The kernel object (fitted to the local lengths) that runs a call with options `opts`.
 
-    Every kernel takes every mask (fused ones fall back per step), so the choice depends on the
-    platform, the dtype and the head dim. Raises a ValueError naming the kernels that would work
-    when `kernel` cannot run the inputs.
+    Raises a ValueError naming the kernels that would work when the kernel asked for cannot run
+    the inputs (or fails its probe).
     """
-    if isinstance(kernel, fused.FusedKernel):
-        kern = kernel
-    elif isinstance(kernel, str) and kernel in KERNELS:
-        where = platform()
+    kernel = opts.kernel
+    c = Call(
+        fn,
+        dtype,
+        head_dim,
+        v_head_dim,
+        q_len,
+        kv_len,
+        probe.MaskKind.of(opts, segments),
+        platform(),
+    )
+    if isinstance(kernel, str) and kernel in KERNELS:
         if kernel == "auto":
-            kern = None if tile_callback is not None else _auto(dtype, head_dim, where)
+            kern = Xla() if opts.tile_callback is not None else _auto(c)
         else:
-            kern = _named(fn, kernel, dtype, head_dim, where)
+            kern = _named(c, kernel)
+    elif isinstance(kernel, (Xla, fused.FusedKernel)):
+        kern = kernel
+        why = kern.supports(opts.logits_soft_cap, head_dim, v_head_dim)
+        if why is not None:
+            raise _unsupported(c, kernel, why)
     else:
         raise ValueError(
             f"{fn}: `kernel` must be one of {KERNELS} or a kernel object "
-            f"(PallasGpu, Cudnn, PallasTpu), got {kernel!r}."
+            f"(Xla, PallasGpu, Cudnn, PallasTpu), got {kernel!r}."
         )
-    if kern is not None and tile_callback is not None:
+    if not isinstance(kern, Xla) and opts.tile_callback is not None:
         raise ValueError(
             f"{fn}: `tile_callback` reports the XLA kernel's tiles only; got kernel={kernel!r}. "
             f"Use kernel='xla' with a tile_callback."
         )
-    return None if kern is None else kern.fit(q_len, kv_len)
+    kern = kern.fit(q_len, kv_len)
+    if kernel != "auto" and not isinstance(kern, Xla):
+        why = probe.failure(kern, dtype, head_dim, v_head_dim, c.kind)
+        if why is not None:
+            raise _unsupported(c, kernel, f"it failed its check ({why})")
+    return kern

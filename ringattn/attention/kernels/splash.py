@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ringattn.attention.kernels import fused
+from ringattn.attention.masks import LSE_NONE
 
 _BLOCK = 128
 
@@ -115,6 +116,13 @@ class PallasTpu(fused.FusedKernel):
             self, block_q=cap(self.block_q, q_len), block_k=cap(self.block_k, kv_len)
         )
 
+    def supports(self, soft_cap, head_dim, v_head_dim):
+        if soft_cap is not None:
+            return "the ring's splash steps take no logit soft cap"
+        if v_head_dim != head_dim:
+            return f"it needs v's head dim ({v_head_dim}) to equal q's and k's ({head_dim})"
+        return None
+
     def _segments_only(self, cfg):
         """Whether a PARTIAL step can only come from segment ids (splash takes those)."""
         return not cfg.spec.causal and cfg.spec.window is None and not cfg.kv_padded
@@ -124,7 +132,8 @@ class PallasTpu(fused.FusedKernel):
         return _splash(kind, g, t, s, self.block_q, self.block_k, self.interpret)
 
     def _run_fwd(self, kind, cfg, q_, k_, v_, qs, ks):
-        """(o f32 [B, Tp, H, D], lse [B, H, Tp]) from splash; -inf where a query sees nothing."""
+        """(o f32 [B, Tp, H, D], lse [B, H, Tp]) from splash; LSE_NONE where a query sees
+        nothing."""
         sk, _ = _modules()
         kern = self._kernel(kind, q_, k_)
         kh = k_.shape[2]
@@ -144,7 +153,7 @@ class PallasTpu(fused.FusedKernel):
         # Splash masks with a finite value: a query that sees nothing gets a huge negative lse.
         seen = lse > 0.5 * jnp.finfo(jnp.float32).min
         o = jnp.where(jnp.moveaxis(seen, 1, 2)[..., None], _from_heads_major(o), 0)
-        return o.astype(jnp.float32), jnp.where(seen, lse, -jnp.inf)
+        return o.astype(jnp.float32), jnp.where(seen, lse, LSE_NONE)
 
     def _run_bwd(self, kind, cfg, q_, k_, v_, do_, lse_, aux, qs, ks):
         """(dq, dk, dv), f32 and unscaled, from splash's backward given our residuals."""
@@ -174,12 +183,14 @@ class PallasTpu(fused.FusedKernel):
         dq = _from_heads_major(dq).astype(jnp.float32)
         return dq, to_kv(dk) / cfg.scale, to_kv(dv)
 
-    def _branches(self, cfg, run):
+    def _branches(self, cfg, run, q_, v_):
         """Step branches: splash where it expresses the step, `run('xla')` elsewhere."""
+        if self.supports(cfg.soft_cap, q_.shape[-1], v_.shape[-1]) is not None:
+            return dict(skip=run("skip"), full=run("xla"), diag=run("xla"), partial=run("xla"))
         partial = run("full") if self._segments_only(cfg) else run("xla")
         return dict(skip=run("skip"), full=run("full"), diag=run("causal"), partial=partial)
 
-    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, o, lse):
+    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, state):
         def run(kind):
             if kind == "skip":
                 return lambda o, lse: (o, lse)
@@ -188,9 +199,11 @@ class PallasTpu(fused.FusedKernel):
             return lambda o, lse: fused.merge(o, lse, *self._run_fwd(kind, cfg, q_, k_, v_, qs, ks))
 
         cls = fused.step_class(cfg, qs, ks, allow_segments_diag=True)
-        return fused.switch_step(cls, self._branches(cfg, run), o, lse)
+        return fused.switch_step(cls, self._branches(cfg, run, q_, v_), *state)
 
-    def bwd_pass(self, cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads):
+    def bwd_pass(self, cfg, q_, k_, v_, bwd, qs, ks, grads):
+        do_, lse_, aux = bwd
+
         def run(kind):
             if kind == "skip":
                 return lambda g: g
@@ -206,7 +219,7 @@ class PallasTpu(fused.FusedKernel):
         cls = fused.step_class(cfg, qs, ks, allow_segments_diag=True)
         # A nonzero dlse: the XLA kernel (not 'partial', which may be splash with segments).
         xla = aux.dlse_nonzero & (cls != fused.SKIP)
-        branches = self._branches(cfg, run)
+        branches = self._branches(cfg, run, q_, v_)
         branches["xla"] = run("xla")
         index = jnp.where(xla, 4, cls)
         order = [branches[n] for n in ("skip", "full", "partial", "diag", "xla")]

@@ -6,6 +6,7 @@ wrong step classification, merge, scale or dtype conversion then shows as an err
 """
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ringattn
-from ringattn.attention.kernels import cudnn, fused
+from ringattn.attention.kernels import cudnn, dispatch, fused, probe
 from ringattn.attention.kernels.cudnn import Cudnn
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
 
@@ -61,10 +62,10 @@ class Poison(PallasGpu):
 
     name: ClassVar[str] = "poison"
 
-    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, o, lse):
-        return o * jnp.nan, lse * jnp.nan
+    def fwd_pass(self, cfg, q_, k_, v_, qs, ks, state):
+        return tuple(x * jnp.nan for x in state)
 
-    def bwd_pass(self, cfg, q_, k_, v_, do_, lse_, aux, qs, ks, grads):
+    def bwd_pass(self, cfg, q_, k_, v_, bwd, qs, ks, grads):
         return tuple(g * jnp.nan for g in grads)
 
 
@@ -135,15 +136,15 @@ def test_ring_steps_cudnn(helpers, stand_ins):
 def test_step_class():
     """The step rule: FULL, the causal diagonal (not with a window, segments or unsorted
     positions) and PARTIAL otherwise."""
-    from ringattn.attention import blockwise
+    from ringattn.attention.kernels import base
     from ringattn.attention.masks import FULL, PARTIAL, MaskSpec
 
     def cls(spec, q_pos, kv_pos, seg=None, allow=False):
-        cfg = blockwise.Config(spec, 1.0, 16, 16, len(kv_pos), jnp.float32)
+        cfg = base.Config(spec, 1.0, None, 16, 16, len(kv_pos), jnp.float32, Cudnn())
 
         @jax.jit
         def run(q_pos, kv_pos, seg):
-            side = lambda p: blockwise.make_side(p[None].astype(jnp.int32), seg, 16)  # noqa: E731
+            side = lambda p: base.make_side(p[None].astype(jnp.int32), seg, 16)  # noqa: E731
             return fused.step_class(cfg, side(q_pos), side(kv_pos), allow)
 
         return int(run(q_pos, kv_pos, seg))
@@ -156,6 +157,65 @@ def test_step_class():
     seg = jnp.asarray([[0] * 16 + [1] * 16])
     assert cls(MaskSpec(causal=True), pos, pos, seg) == PARTIAL
     assert cls(MaskSpec(causal=True), pos, pos, seg, allow=True) == fused.DIAG
+
+
+# ---------------------------------------------------------------------------------------------
+# The fallback chain on a pretend CUDA platform: our Pallas kernel cannot compile on this CPU,
+# cuDNN is a stand-in. A user's jitted function runs whatever fails, and says so once.
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+    monkeypatch.setattr(cudnn, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cudnn, "max_head_dim", lambda: 128)
+    dispatch.warn_once.cache_clear()
+    probe.failure.cache_clear()
+    jax.clear_caches()  # compiled programs hold earlier kernel choices
+    yield
+    probe.failure.cache_clear()
+    jax.clear_caches()
+
+
+def _user_fn():
+    """A fresh function each time: jit's trace cache would keep an earlier kernel choice."""
+    return lambda q, k, v: ringattn.blockwise_attention(q, k, v, causal=True, return_lse=True)
+
+
+def _warnings(fn, *args):
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        result = fn(*args)
+    return result, [str(r.message) for r in records if "failed its check" in str(r.message)]
+
+
+def test_a_working_cudnn_runs_with_xla_for_the_rest(helpers, stand_ins, pretend_cuda):
+    """Pallas fails to compile, so cuDNN runs its steps with the XLA kernel for the others;
+    bf16 result against the float64 reference; one warning (Pallas)."""
+    q, k, v, _, _ = _data(helpers, jnp.bfloat16)
+    (out, lse), failed = _warnings(jax.jit(_user_fn()), q, k, v)
+    assert len(failed) == 1 and "'pallas_gpu'" in failed[0], failed
+    want, want_lse = ringattn.reference_attention(
+        *(jnp.asarray(x, jnp.float64) for x in (q, k, v)), causal=True, return_lse=True
+    )
+    helpers.assert_close(out, want, 2e-2, "out")
+    helpers.assert_close(lse, want_lse, 2e-2, "lse")
+
+
+def test_a_wrong_cudnn_is_skipped(helpers, stand_ins, pretend_cuda, monkeypatch):
+    """A cuDNN that returns a wrong lse fails its check too: the chain ends at the XLA kernel,
+    whose result the user gets exactly; each failure is reported once."""
+    wrong = lambda q, k, v, scale, causal: (lambda o, lse: (o, lse + 0.5))(  # noqa: E731
+        *fake_fwd(q, k, v, scale, causal)
+    )
+    monkeypatch.setattr(cudnn, "cudnn_fwd", wrong)
+    q, k, v, _, _ = _data(helpers, jnp.bfloat16)
+    got, failed = _warnings(jax.jit(_user_fn()), q, k, v)
+    assert len(failed) == 2 and "'cudnn'" in failed[1] and "lse" in failed[1], failed
+    want = ringattn.blockwise_attention(q, k, v, causal=True, return_lse=True, kernel="xla")
+    np.testing.assert_array_equal(got[0], want[0])
+    _, again = _warnings(jax.jit(_user_fn()), q, k, v)
+    assert again == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ringattn
-from ringattn.attention import blockwise
-from ringattn.attention.kernels import pallas_gpu
+from ringattn.attention.kernels import base, pallas_common
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
 from ringattn.attention.masks import FULL, PARTIAL, SKIP, MaskSpec
 from ringattn.parallel import layouts
@@ -112,13 +111,14 @@ def test_fully_masked_rows(helpers):
 
 def _tables(spec, q_pos, kv_pos, block, kv_len=None):
     """(state, q_bounds, k_bounds) of the kernel's tile tables (one compiled program)."""
-    cfg = blockwise.Config(spec, 1.0, block, block, kv_len or kv_pos.shape[1], jnp.float32)
+    kv_len = kv_len or kv_pos.shape[1]
+    cfg = base.Config(spec, 1.0, None, block, block, kv_len, jnp.float32, PallasGpu())
 
     @jax.jit
     def run(q_pos, kv_pos):
-        qs = blockwise.make_side(q_pos, None, block)
-        ks = blockwise.make_side(kv_pos, None, block)
-        tab = pallas_gpu._Tables(cfg, qs, ks, block, block, 1)
+        qs = base.make_side(q_pos, None, block)
+        ks = base.make_side(kv_pos, None, block)
+        tab = pallas_common.Tables(cfg, qs, ks, block, block, 1)
         return tab.state, tab.q_bounds, tab.k_bounds
 
     return run(q_pos, kv_pos)
@@ -222,3 +222,37 @@ def test_context_parallel_allgather(helpers):
         **static,
     )
     helpers.assert_all_close(got, want, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: soft cap (inside the kernels), a v head dim of its own, sinks (added after the
+# kernel), on one device and over a ring (the kernels' continued passes).
+
+
+def _variant_grads(fn, q, k, v, sinks, do, **kw):
+    """(out, dq, dk, dv, dsinks) of fn(q, k, v, sinks=...) with cotangent do."""
+    out, vjp = jax.vjp(lambda q, k, v, s: fn(q, k, v, sinks=s, **kw), q, k, v, sinks)
+    return (out, *vjp(do))
+
+
+@pytest.mark.filterwarnings("ignore:kernel='pallas_gpu' on platform")
+@pytest.mark.parametrize("ring", [False, True], ids=["blockwise", "ring4"])
+def test_variants(helpers, ring):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((B, T, H, D))
+    k = rng.standard_normal((B, T, 2, D))
+    v = rng.standard_normal((B, T, 2, 24))  # Dv = 24: padded to 32 inside the kernel
+    do = rng.standard_normal((B, T, H, 24))
+    sinks = rng.standard_normal(H)
+    kw = dict(causal=True, logits_soft_cap=2.5)
+    f64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, sinks, do)]
+    want = _variant_grads(ringattn.reference_attention, *f64, **kw)
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, sinks, do)]
+    if ring:
+        mesh = jax.make_mesh((4,), ("context",), devices=jax.devices("cpu")[:4])
+        fn = functools.partial(ringattn.context_parallel_attention, mesh=mesh, kernel=KERNEL)
+    else:
+        fn = functools.partial(ringattn.blockwise_attention, kernel=KERNEL)
+    got = jax.jit(lambda *a: _variant_grads(fn, *a, **kw))(*f32)
+    for name, a, w in zip(("out", "dq", "dk", "dv", "dsinks"), got, want, strict=True):
+        helpers.assert_close(a, w, 2e-5, name)
