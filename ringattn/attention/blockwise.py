@@ -32,7 +32,7 @@ def make_config(fn, opts: inputs.Options, q, k, v, m, kv_len=None) -> base.Confi
     kern = dispatch.resolve(fn, opts, dtype, q.shape[-1], v.shape[-1], t, s, segments)
     bq, bk = kern.blocks(opts.block_q, opts.block_k, t, s)
     return base.Config(
-        opts.spec, opts.scale, opts.logits_soft_cap, bq, bk, s, dtype, kern, opts.tile_callback
+        opts.spec, opts.scale, opts.logits_soft_cap, bq, bk, s, dtype, kern, opts.tile_callback, t
     )
 
 

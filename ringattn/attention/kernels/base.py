@@ -41,6 +41,7 @@ class Config:
     dtype: jnp.dtype  # of q, k, v
     kernel: Kernel
     tile_callback: Callable | None = None
+    q_len: int | None = None  # valid queries (the padded length when None)
 
     @property
     def kv_padded(self) -> bool:

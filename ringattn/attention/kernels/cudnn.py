@@ -29,6 +29,9 @@ from ringattn.attention.kernels import fused
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
 
 MIN_CUDNN_VERSION = 8904  # flash attention with a backward (cuDNN 8.9.4)
+# What this code passes to the private API, checked by name before it is ever called.
+_FWD_KEYWORDS = ("q_seqlen", "kv_seqlen", "scale", "mask_type", "qkv_layout", "return_residual")
+_MASKS = ("NO_MASK", "CAUSAL", "PADDING", "PADDING_CAUSAL")
 _BWD_PARAMS = ("scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout")
 _BWD_PARAMS += ("sliding_window_length",)
 _BWD_OPERANDS = ("query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets")
@@ -42,6 +45,32 @@ def _module():
     return fused_attention_stablehlo
 
 
+def _api_problem(fa):
+    """What of the private API this code uses is missing or changed (None: all there). The
+    semantics (lse's shape and log base, the masks) are checked by running it (probe.py)."""
+    names = ("dot_product_attention", "MaskType", "AttentionLayout", "check_cudnn_version")
+    names += ("_dot_product_attention_bwd_p_wrapper", "_dot_product_attention_bwd_impl")
+    for name in names:
+        if not hasattr(fa, name):
+            return f"jax._src.cudnn.fused_attention_stablehlo has no `{name}` (JAX changed)"
+    missing = [m for m in _MASKS if not hasattr(fa.MaskType, m)]
+    if missing or not hasattr(fa.AttentionLayout, "BTNH"):
+        return f"cuDNN's MaskType/AttentionLayout lack {missing or ['BTNH']} (JAX changed)"
+    fwd = inspect.signature(fa.dot_product_attention).parameters
+    missing = [n for n in _FWD_KEYWORDS if n not in fwd]
+    if missing:
+        return f"cuDNN's forward takes no {missing} (JAX changed)"
+    bwd = tuple(inspect.signature(fa._dot_product_attention_bwd_impl).parameters)
+    unknown = set(bwd) - set(_BWD_OPERANDS) - set(_BWD_PARAMS)
+    missing = {"query", "key", "value", "activation", "fwd_output", "grad_output"} - set(bwd)
+    if unknown or missing:
+        return (
+            f"cuDNN's backward changed: arguments this code does not know {sorted(unknown)}, "
+            f"missing {sorted(missing)}"
+        )
+    return None
+
+
 @functools.cache
 def unavailable_reason() -> str | None:
     """None if the cuDNN path can run here, else why not (checked once per process)."""
@@ -49,16 +78,9 @@ def unavailable_reason() -> str | None:
         fa = _module()
     except Exception as e:  # noqa: BLE001 - any import failure means: not available
         return f"cannot import jax._src.cudnn.fused_attention_stablehlo ({e!r})"
-    for name in ("dot_product_attention", "MaskType", "AttentionLayout"):
-        if not hasattr(fa, name):
-            return f"jax._src.cudnn.fused_attention_stablehlo has no `{name}` (JAX changed)"
-    for name in ("_dot_product_attention_bwd_p_wrapper", "_dot_product_attention_bwd_impl"):
-        if not hasattr(fa, name):
-            return f"jax._src.cudnn.fused_attention_stablehlo has no `{name}` (JAX changed)"
-    names = tuple(inspect.signature(fa._dot_product_attention_bwd_impl).parameters)
-    unknown = set(names) - set(_BWD_OPERANDS) - set(_BWD_PARAMS)
-    if unknown:
-        return f"cuDNN backward takes arguments this code does not know: {sorted(unknown)}"
+    why = _api_problem(fa)
+    if why is not None:
+        return why
     try:
         gpus = jax.devices("gpu")
     except RuntimeError:
@@ -82,17 +104,34 @@ def max_head_dim():
     return 256 if float(getattr(gpu, "compute_capability", "0")) >= 9.0 else 128
 
 
-def cudnn_fwd(q, k, v, scale, causal):
-    """(out [B, T, H, D] in q's dtype, lse [B, H, T] f32) from cuDNN's training forward."""
+def _mask(fa, causal, lengths):
+    """cuDNN's mask type: with `lengths` (q and k/v padded) its padding masks, so that a padded
+    step stays a library step."""
+    if lengths is not None:
+        return fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+    return fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+
+
+def _seqlens(q, lengths):
+    if lengths is None:
+        return None, None
+    b = q.shape[0]
+    return tuple(jnp.full((b,), n, jnp.int32) for n in lengths)
+
+
+def cudnn_fwd(q, k, v, scale, causal, lengths=None):
+    """(out [B, T, H, D] in q's dtype, lse [B, H, T] f32) from cuDNN's training forward; rows
+    and keys beyond `lengths` = (q_len, kv_len) (when given) are padding."""
     fa = _module()
-    mask = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+    q_seqlen, kv_seqlen = _seqlens(q, lengths)
     out, lse = fa.dot_product_attention(
-        q, k, v, scale=scale, mask_type=mask, qkv_layout="BTNH", return_residual=True
-    )
+        q, k, v, q_seqlen=q_seqlen, kv_seqlen=kv_seqlen, scale=scale,
+        mask_type=_mask(fa, causal, lengths), qkv_layout="BTNH", return_residual=True,
+    )  # fmt: skip
     return out, lse
 
 
-def cudnn_bwd(q, k, v, out, lse, do, scale, causal):
+def cudnn_bwd(q, k, v, out, lse, do, scale, causal, lengths=None):
     """(dq, dk, dv) in the input dtypes (scaled) for the residuals (out, lse) given."""
     fa = _module()
     unused = jnp.zeros(0, q.dtype)
@@ -101,11 +140,14 @@ def cudnn_bwd(q, k, v, out, lse, do, scale, causal):
         seed=42,
         dropout_rate=0.0,
         variadic_args=(False, False),  # (has_bias, has_dbias)
-        mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK,
+        mask_type=_mask(fa, causal, lengths),
         layout=fa.AttentionLayout.BTNH.value,
         sliding_window_length=None,
     )
+    q_seqlen, kv_seqlen = _seqlens(q, lengths)
     values = dict(query=q, key=k, value=v, activation=lse, fwd_output=out, grad_output=do)
+    if lengths is not None:
+        values.update(q_seqlen=q_seqlen, kv_seqlen=kv_seqlen)
     names = inspect.signature(fa._dot_product_attention_bwd_impl).parameters
     operands = [values.get(n, unused) for n in names if n not in params]
     params = {n: params[n] for n in names if n in params}
@@ -122,11 +164,12 @@ class Cudnn(fused.FusedKernel):
 
     @property
     def pad_q(self):
-        return self.fallback.pad_q
+        # q and k/v padded alike, so a causal step of equal lengths stays the diagonal.
+        return max(self.fallback.pad_q, self.fallback.pad_k)
 
     @property
     def pad_k(self):
-        return self.fallback.pad_k
+        return self.pad_q
 
     def fit(self, q_len, kv_len):
         return dataclasses.replace(self, fallback=self.fallback.fit(q_len, kv_len))
@@ -139,14 +182,27 @@ class Cudnn(fused.FusedKernel):
         return None
 
     def _step_class(self, cfg, q_, v_, qs, ks):
-        """fused.step_class, PARTIAL (the fallback) wherever cuDNN cannot express the call."""
+        """fused.step_class (padding is cuDNN's own), PARTIAL (the fallback) wherever cuDNN
+        cannot express the call."""
         if self.supports(cfg.soft_cap, q_.shape[-1], v_.shape[-1]) is not None:
             return jnp.int32(fused.PARTIAL)
-        return fused.step_class(cfg, qs, ks)
+        return fused.step_class(cfg, qs, ks, padding_ok=True)
+
+    def _lengths(self, cfg, q_, k_):
+        """(q_len, kv_len) for cuDNN's padding masks when q or k/v are padded, else None."""
+        q_len = q_.shape[1] if cfg.q_len is None else cfg.q_len
+        if (q_len, cfg.kv_len) == (q_.shape[1], k_.shape[1]):
+            return None
+        return q_len, cfg.kv_len
 
     def fwd_pass(self, cfg, q_, k_, v_, qs, ks, state):
+        lengths = self._lengths(cfg, q_, k_)
+
         def lib(causal):
-            return lambda o, lse: fused.merge(o, lse, *cudnn_fwd(q_, k_, v_, cfg.scale, causal))
+            def run(o, lse):
+                return fused.merge(o, lse, *cudnn_fwd(q_, k_, v_, cfg.scale, causal, lengths))
+
+            return run
 
         def fallback(o, lse):
             return self.fallback.fwd_pass(cfg, q_, k_, v_, qs, ks, (o, lse))
@@ -156,9 +212,11 @@ class Cudnn(fused.FusedKernel):
         return fused.switch_step(cls, dict(branches, partial=fallback), *state)
 
     def attend(self, cfg, q_, k_, v_, qs, ks):
+        lengths = self._lengths(cfg, q_, k_)
+
         def lib(causal):
             def run():
-                out, lse = cudnn_fwd(q_, k_, v_, cfg.scale, causal)
+                out, lse = cudnn_fwd(q_, k_, v_, cfg.scale, causal, lengths)
                 return out.astype(jnp.float32), lse
 
             return run
@@ -173,10 +231,11 @@ class Cudnn(fused.FusedKernel):
 
     def bwd_pass(self, cfg, q_, k_, v_, bwd, qs, ks, grads):
         do_, lse_, aux = bwd
+        lengths = self._lengths(cfg, q_, k_)
 
         def lib(causal):
             def run(grads):
-                dq, dk, dv = cudnn_bwd(q_, k_, v_, aux.out, lse_, do_, cfg.scale, causal)
+                dq, dk, dv = cudnn_bwd(q_, k_, v_, aux.out, lse_, do_, cfg.scale, causal, lengths)
                 # Ours are f32, dq and dk without the scale (finish_bwd applies it).
                 unscale = lambda x: x.astype(jnp.float32) / cfg.scale  # noqa: E731
                 return grads[0] + unscale(dq), grads[1] + unscale(dk), grads[2] + dv

@@ -98,16 +98,18 @@ def merge(o, lse, o_s, lse_s):
     return o * w(lse) + o_s.astype(o.dtype) * w(lse_s), new
 
 
-def step_class(cfg, qs, ks, allow_segments_diag=False):
+def step_class(cfg, qs, ks, allow_segments_diag=False, padding_ok=False):
     """SKIP, FULL, PARTIAL or DIAG (int32) for q side qs against the keys of side ks.
 
     DIAG: causal, no window, the same strictly increasing positions on both sides (so the mask
-    is the plain lower triangle), no padding, and no segments unless `allow_segments_diag`.
+    is the plain lower triangle) and no segments unless `allow_segments_diag`. Padded keys make
+    a step PARTIAL unless the library masks its own padding (`padding_ok`: then positions are
+    compared on both sides as padded, increasing over the valid keys).
     """
     state = masks.tile_state(
         cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges)
     )
-    if cfg.kv_padded:
+    if cfg.kv_padded and not padding_ok:
         state = jnp.where(state == FULL, PARTIAL, state)
     spec = cfg.spec
     diag_possible = (
@@ -115,10 +117,11 @@ def step_class(cfg, qs, ks, allow_segments_diag=False):
         and spec.window is None
         and qs.pos.shape == ks.pos.shape
         and (qs.seg is None or allow_segments_diag)
-        and not cfg.kv_padded
+        and (padding_ok or not cfg.kv_padded)
     )
     if diag_possible:
-        same = jnp.all(qs.pos == ks.pos) & jnp.all(qs.pos[:, 1:] > qs.pos[:, :-1])
+        pos = qs.pos[:, : cfg.kv_len]
+        same = jnp.all(qs.pos == ks.pos) & jnp.all(pos[:, 1:] > pos[:, :-1])
         state = jnp.where((state == PARTIAL) & same, DIAG, state)
     return state.astype(jnp.int32)
 

@@ -27,9 +27,10 @@ def _tile_ds(q, k, do, v, lse, delta, scale, cap, mask_args, state):
     is FULL, ds = p (dp - delta) times the soft cap's slope; mask_args is None without a mask."""
     s = soft_cap(pc.dot(q, k) * scale, cap)
     p = jnp.exp2(s * pc.LOG2E - lse[:, None])
-    if mask_args is not None:
-        vis = pc.visible(*mask_args)
-        p = lax.cond(state == FULL, lambda p: p, lambda p: jnp.where(vis, p, 0.0), p)
+    if mask_args is not None:  # the mask is built only in PARTIAL tiles
+        p = lax.cond(
+            state == FULL, lambda p: p, lambda p: jnp.where(pc.visible(*mask_args), p, 0.0), p
+        )
     ds = p * (pc.dot(do, v) - delta[:, None])
     if cap is not None:
         ds = ds * soft_cap_slope(s, cap)

@@ -40,12 +40,15 @@ def _fwd_kernel(r, o_ref, lse_ref, *, spec, scale, cap, bk, kv_len, nk, masked, 
         k = r["k"][pl.ds(start, bk), :]
         v = r["v"][pl.ds(start, bk), :]
         s = soft_cap(pc.dot(q, k) * scale, cap) * pc.LOG2E
-        if masked:
-            kv_pos, kv_seg = r["kv_pos"][pl.ds(start, bk)], pc.load(r, "kv_seg", pl.ds(start, bk))
-            vis = pc.visible(spec, kv_len, q_pos, kv_pos, q_seg, kv_seg, start, bk)
-            s = lax.cond(
-                r["state"][j] == FULL, lambda s: s, lambda s: jnp.where(vis, s, -jnp.inf), s
-            )
+        if masked:  # the mask is built only in PARTIAL tiles (inside the cond's branch)
+
+            def mask(s):
+                kv_pos = r["kv_pos"][pl.ds(start, bk)]
+                kv_seg = pc.load(r, "kv_seg", pl.ds(start, bk))
+                vis = pc.visible(spec, kv_len, q_pos, kv_pos, q_seg, kv_seg, start, bk)
+                return jnp.where(vis, s, -jnp.inf)
+
+            s = lax.cond(r["state"][j] == FULL, lambda s: s, mask, s)
         m_new = jnp.maximum(m, s.max(-1))  # m starts finite, so m_new never is -inf
         p = jnp.exp2(s - m_new[:, None])
         corr = jnp.exp2(m - m_new)

@@ -24,28 +24,35 @@ B, T, H, KH, D = 2, 64, 4, 2, 16
 BLOCKS16 = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
 
-def _dense(q, k, v, scale, causal):
-    """Scores [B, H, T, S] and the k/v heads repeated to H (the stand-ins are tests only)."""
+def _dense(q, k, v, scale, causal, lengths):
+    """Scores [B, H, T, S], the mask cuDNN applies, and the k/v heads repeated to H (the
+    stand-ins are tests only). `lengths` (q_len, kv_len): cuDNN's padding masks."""
     g = q.shape[2] // k.shape[2]
     k_, v_ = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))
     s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k_) * scale
+    i, j = jnp.arange(s.shape[-2])[:, None], jnp.arange(s.shape[-1])[None]
+    mask = jnp.ones(s.shape[-2:], bool)
     if causal:  # cuDNN's causal mask is on array indices, top-left aligned
-        s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
-    return s, k_, v_, g
+        mask &= j <= i
+    if lengths is not None:
+        mask &= (i < lengths[0]) & (j < lengths[1])
+    return jnp.where(mask, s, -jnp.inf), mask, k_, v_, g
 
 
-def fake_fwd(q, k, v, scale, causal):
-    """cuDNN's training forward: out in q's dtype, natural-log lse [B, H, T] f32."""
-    s, _, v_, _ = _dense(q, k, v, scale, causal)
+def fake_fwd(q, k, v, scale, causal, lengths=None):
+    """cuDNN's training forward: out in q's dtype, natural-log lse [B, H, T] f32 (-inf on
+    padded rows)."""
+    s, mask, _, v_, _ = _dense(q, k, v, scale, causal, lengths)
     lse = jax.nn.logsumexp(s, axis=-1)
-    out = jnp.einsum("bhts,bshd->bthd", jnp.exp(s - lse[..., None]), v_)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    out = jnp.einsum("bhts,bshd->bthd", p, v_)
     return out.astype(q.dtype), lse
 
 
-def fake_bwd(q, k, v, out, lse, do, scale, causal):
+def fake_bwd(q, k, v, out, lse, do, scale, causal, lengths=None):
     """cuDNN's backward given residuals: delta from out and do, grads in the input dtypes."""
-    s, k_, v_, g = _dense(q, k, v, scale, causal)
-    p = jnp.exp(s - lse[..., None])
+    s, mask, k_, v_, g = _dense(q, k, v, scale, causal, lengths)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
     do32 = do.astype(jnp.float32)
     delta = jnp.einsum("bthd,bthd->bht", do32, out.astype(jnp.float32))
     ds = p * (jnp.einsum("bthd,bshd->bhts", do32, v_) - delta[..., None])
@@ -85,6 +92,22 @@ def test_steps_cudnn_expresses_run_cudnn(helpers, stand_ins, causal):
     q, k, v, do, dlse = _data(helpers)
     dlse = np.zeros_like(dlse)
     kernel = Cudnn(fallback=Poison(interpret=True, **BLOCKS16))
+    got = helpers.run_attention(
+        ringattn.blockwise_attention, q, k, v, do, dlse, kernel=kernel, causal=causal
+    )
+    want = helpers.reference_f64(q, k, v, do, dlse, causal=causal)
+    helpers.assert_all_close(got, want, np.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_lengths_stay_cudnn_steps(helpers, stand_ins, causal):
+    """A length that is not a multiple of the tiles (50 tokens, padded to 64): cuDNN masks the
+    padding itself (sequence lengths), so every step is still cuDNN's (fallback poisoned)."""
+    q, k, v, do, dlse = _data(helpers, t=50)
+    dlse = np.zeros_like(dlse)
+    kernel = Cudnn(fallback=Poison(interpret=True, **BLOCKS16))
+    assert (kernel.fit(50, 50).pad_q, kernel.fit(50, 50).pad_k) == (16, 16)
+    kernel = Cudnn(fallback=Poison(interpret=True, block_q=64, block_k=32))
     got = helpers.run_attention(
         ringattn.blockwise_attention, q, k, v, do, dlse, kernel=kernel, causal=causal
     )
@@ -205,9 +228,7 @@ def test_a_working_cudnn_runs_with_xla_for_the_rest(helpers, stand_ins, pretend_
 def test_a_wrong_cudnn_is_skipped(helpers, stand_ins, pretend_cuda, monkeypatch):
     """A cuDNN that returns a wrong lse fails its check too: the chain ends at the XLA kernel,
     whose result the user gets exactly; each failure is reported once."""
-    wrong = lambda q, k, v, scale, causal: (lambda o, lse: (o, lse + 0.5))(  # noqa: E731
-        *fake_fwd(q, k, v, scale, causal)
-    )
+    wrong = lambda *args: (lambda o, lse: (o, lse + 0.5))(*fake_fwd(*args))  # noqa: E731
     monkeypatch.setattr(cudnn, "cudnn_fwd", wrong)
     q, k, v, _, _ = _data(helpers, jnp.bfloat16)
     got, failed = _warnings(jax.jit(_user_fn()), q, k, v)
@@ -245,3 +266,41 @@ def test_gpu_kernels_bf16(helpers, kernel, static):
     data = [jax.device_put(x, gpu) for x in data]
     got = helpers.run_attention(ringattn.blockwise_attention, *data, kernel=kernel, **static)
     helpers.assert_all_close(got, helpers.reference_f64(*data, **static), jnp.bfloat16)
+
+
+def test_api_guard_names_what_changed():
+    """The guard reads the private module's surface: forward keywords, mask and layout enum
+    members, backward arguments; a change in any is reported before cuDNN is ever called."""
+    import enum
+    import types
+
+    class Mask(enum.Enum):
+        NO_MASK, CAUSAL, PADDING, PADDING_CAUSAL = range(4)
+
+    class Layout(enum.Enum):
+        BTNH = 0
+
+    def fwd(q, k, v, q_seqlen=None, kv_seqlen=None, *, scale, mask_type, qkv_layout,
+            return_residual):  # fmt: skip
+        pass
+
+    def bwd(query, key, value, bias, q_seqlen, kv_seqlen, activation, fwd_output, grad_output,
+            scale, seed, dropout_rate, variadic_args, mask_type, layout):  # fmt: skip
+        pass
+
+    good = dict(
+        dot_product_attention=fwd, MaskType=Mask, AttentionLayout=Layout,
+        check_cudnn_version=lambda: 90000, _dot_product_attention_bwd_p_wrapper=object(),
+        _dot_product_attention_bwd_impl=bwd,
+    )  # fmt: skip
+    assert cudnn._api_problem(types.SimpleNamespace(**good)) is None
+    no_padding = enum.Enum("Mask", ["NO_MASK", "CAUSAL"])
+    bad = [
+        (dict(MaskType=no_padding), "PADDING"),
+        (dict(dot_product_attention=lambda q, k, v, *, scale: 0), "q_seqlen"),
+        (dict(_dot_product_attention_bwd_impl=lambda query, key, new_arg: 0), "new_arg"),
+    ]
+    for change, word in bad:
+        assert word in cudnn._api_problem(types.SimpleNamespace(**{**good, **change})), word
+    del good["check_cudnn_version"]
+    assert "check_cudnn_version" in cudnn._api_problem(types.SimpleNamespace(**good))

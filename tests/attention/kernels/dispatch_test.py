@@ -92,11 +92,24 @@ def test_fit_shrinks_tiles_to_short_shards():
     kern = _resolve(Cudnn(fallback=PallasGpu(interpret=True)))
     assert kern.fallback.block_q == 128 and kern.pad_q == 128
     kern = _resolve(Cudnn(fallback=PallasGpu(interpret=True)), BF16, q_len=20, kv_len=40)
-    assert (kern.pad_q, kern.pad_k) == (32, 64)
+    assert (kern.fallback.pad_q, kern.fallback.pad_k) == (32, 64)
+    assert (kern.pad_q, kern.pad_k) == (64, 64)  # cuDNN pads q and k/v alike
 
 
 def test_cudnn_unavailable_without_gpu():
     assert "GPU" in cudnn.unavailable_reason()
+
+
+def test_a_cudnn_object_gets_the_checks_its_name_gets(monkeypatch):
+    """A Cudnn() object with float32 inputs is refused like kernel='cudnn' (it used to reach
+    cuDNN and fail at trace time)."""
+    monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+    monkeypatch.setattr(cudnn, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cudnn, "max_head_dim", lambda: 128)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        _resolve(Cudnn(), F32)
+    with pytest.raises(ValueError, match="soft cap"):
+        _resolve(Cudnn(), BF16, cap=10.0)
 
 
 def test_blockwise_rejects_bad_kernel():
