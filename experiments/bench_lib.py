@@ -30,6 +30,10 @@ import numpy as np
 import ringattn
 
 IMPLS = ("dense", "dense_cudnn", "blockwise", "original")  # + context-parallel: STRATEGY[/LAYOUT]
+# Attention variants an impl of ours takes as "+VARIANT" suffixes (ring/zigzag+cap+sinks): a
+# logit soft cap (Gemma 2's 50) and learned sinks (one logit per head, here all 0.5).
+VARIANTS = ("cap", "sinks")
+SOFT_CAP = 50.0
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
 MODES = ("fwd", "fwdbwd")
 MASKS = ("causal", "none", "window")
@@ -70,7 +74,7 @@ class BenchConfig:
     markdown: str | None = None
 
     def __post_init__(self):
-        bad = [x for x in self.impls if x not in IMPLS and not _is_cp(x)]
+        bad = [x for x in self.impls if _base(x) not in IMPLS and not _is_cp(x)]
         if bad:
             raise ValueError(
                 f"impls: expected names from {IMPLS} or STRATEGY[/LAYOUT] with a strategy from "
@@ -90,8 +94,27 @@ class BenchConfig:
 
 
 def _is_cp(impl: str) -> bool:
-    strategy, _, layout = impl.partition("/")
+    strategy, _, layout = _base(impl).partition("/")
     return strategy in STRATEGIES and (not layout or layout in ringattn.LAYOUTS)
+
+
+def _base(impl: str) -> str:
+    """The impl without its variants (ring/zigzag+cap -> ring/zigzag)."""
+    return impl.split("+")[0]
+
+
+def _variant_kwargs(impl: str, cfg: BenchConfig) -> dict:
+    """The variant keywords of an impl's "+VARIANT" suffixes (blockwise and ours only)."""
+    variants = impl.split("+")[1:]
+    bad = [x for x in variants if x not in VARIANTS]
+    if bad or (variants and _base(impl) not in ("blockwise",) and not _is_cp(impl)):
+        raise ValueError(f"impl {impl!r}: variants {VARIANTS} apply to blockwise and ours")
+    kw = {}
+    if "cap" in variants:
+        kw["logits_soft_cap"] = SOFT_CAP
+    if "sinks" in variants:
+        kw["sinks"] = jnp.full((cfg.num_heads,), 0.5, jnp.float32)
+    return kw
 
 
 def set_num_cpu_devices(n: int) -> None:
@@ -159,6 +182,8 @@ def context_mesh(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh):
 def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len: int) -> Callable:
     """Returns f(q, k, v) -> out on global [B, T, H, D] / [B, S, K, D] arrays."""
     mask = _mask_kwargs(cfg)
+    variants = _variant_kwargs(impl, cfg)
+    impl = _base(impl)
     n = mesh.shape[AXIS]
     local_len = seq_len // n
     if impl in ("dense", "dense_cudnn"):
@@ -178,7 +203,9 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
         return dense
     if impl == "blockwise":
         bq, bk = min(cfg.block_q, seq_len), min(cfg.block_k, seq_len)
-        return lambda q, k, v: ringattn.blockwise_attention(q, k, v, block_q=bq, block_k=bk, **mask)
+        return lambda q, k, v: ringattn.blockwise_attention(
+            q, k, v, block_q=bq, block_k=bk, **mask, **variants
+        )
     if _is_cp(impl):
         strategy, _, layout = impl.partition("/")
         bq, bk = min(cfg.block_q, local_len), min(cfg.block_k, local_len)
@@ -194,6 +221,7 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
             block_q=bq,
             block_k=bk,
             **mask,
+            **variants,
         )
     if impl == "original":
         return _make_original(cfg, mesh, local_len)
@@ -338,7 +366,7 @@ def run(cfg: BenchConfig) -> list[dict]:
     for n in counts:
         print("\n" + bench_report.column_titles())
         # Single-device impls do not depend on n: they run with the first device count only.
-        impls = [i for i in cfg.impls if n == counts[0] or i not in SINGLE_DEVICE_IMPLS]
+        impls = [i for i in cfg.impls if n == counts[0] or _base(i) not in SINGLE_DEVICE_IMPLS]
         for seq_len in cfg.seq_lens:
             new = _run_one(cfg, impls, available[:n], seq_len)
             for row in new:
@@ -376,7 +404,7 @@ def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
     rows, pending = [], []  # pending: (row, executable, args)
     for impl, mask in itertools.product(impls, cfg.masks or (cfg.mask,)):
         cfg = dataclasses.replace(cfg, mask=mask)
-        single = impl in SINGLE_DEVICE_IMPLS
+        single = _base(impl) in SINGLE_DEVICE_IMPLS
         if single:
             sharding = jax.sharding.SingleDeviceSharding(devices[0])
         else:

@@ -96,6 +96,17 @@ def ratios(rows: list[dict]) -> str:
                     f"{r['impl']}/{base} = {r[metric] / b[metric]:.3g}"
                 )
                 break
+    variants = [r for r in rows if "+" in r["impl"] and r.get(metric)]
+    if variants:  # an impl with variants against the same impl without them
+        lines.append(f"ratios of {title} with variants to without (the variants' cost):")
+        for r in variants:
+            base_impl = r["impl"].split("+")[0]
+            b = by_key.get((base_impl, r["mask"], r["devices"], r["seq_len"], r["mode"]), {})
+            if b.get(metric):
+                lines.append(
+                    f"  n={r['devices']:<2} T={r['seq_len']:<8} {r['mode']:<6} {r['mask']:<7} "
+                    f"{r['impl']}/{base_impl} = {r[metric] / b[metric]:.3g}"
+                )
     masks = list(dict.fromkeys(r["mask"] for r in rows))
     if len(masks) > 1:  # the same impl under each mask, against the first mask swept
         lines.append(f"ratios of {title} to mask {masks[0]} (is masked work really skipped?):")

@@ -13,6 +13,11 @@ Implementations: dense (jax.nn.dot_product_attention, 1 device), blockwise
 (ringattn.blockwise_attention, 1 device), ring (ringattn.context_parallel_attention over a 1-D
 "context" mesh of all devices), original (the `ringattention` package, Liu et al., when installed).
 The FLOP convention is in bench_lib's docstring.
+
+The attention variants' cost (soft cap and sinks over the plain ring, one run, side by side):
+
+  python experiments/benchmark.py --mode=fwdbwd --matmul_size=0 --iters=7 \
+      --impls=ring/zigzag,ring/zigzag+cap,ring/zigzag+sinks,ring/zigzag+cap+sinks
 """
 
 from absl import app, flags, logging
@@ -36,7 +41,9 @@ _IMPLS = flags.DEFINE_list(
     "impls",
     ["dense", "blockwise", "ring", "original"],
     f"Implementations: {bench_lib.IMPLS} or context-parallel STRATEGY[/LAYOUT], with STRATEGY "
-    f"in {bench_lib.STRATEGIES} (e.g. ring/zigzag, ulysses, hybrid/striped).",
+    f"in {bench_lib.STRATEGIES} (e.g. ring/zigzag, ulysses, hybrid/striped); ours (blockwise and "
+    f"the strategies) with attention variants as +VARIANT suffixes, VARIANT in "
+    f"{bench_lib.VARIANTS} (ring/zigzag+cap+sinks: soft cap {bench_lib.SOFT_CAP:g} and sinks).",
 )
 _MODE = flags.DEFINE_list("mode", list(bench_lib.MODES), "fwd and/or fwdbwd.")
 _BLOCK_Q = flags.DEFINE_integer("block_q", 512, "Query block (capped at the local length).")

@@ -131,8 +131,8 @@ def blockwise_attention(
     scale=None,
     logits_soft_cap=None,
     sinks=None,
-    block_q=512,
-    block_k=512,
+    block_q=None,
+    block_k=None,
     return_lse=False,
     tile_callback=None,
     kernel="auto",
@@ -143,8 +143,8 @@ def blockwise_attention(
     `tile_callback(pass, q_pos, kv_pos, masked)`, if given, runs on the host for every tile
     computed ("fwd" or "bwd"; first positions of the query and key blocks; masked: PARTIAL).
     `kernel`: "auto", "xla", "pallas_gpu", "cudnn", "pallas_tpu" or a kernel object
-    (kernels/dispatch.py); block_q / block_k are the XLA kernel's tiles (fused kernels have
-    their own).
+    (kernels/dispatch.py); block_q / block_k are the XLA kernel's tiles (None: the platform's
+    default, 512 on CPU and TPU, 1024 on GPU; fused kernels have their own).
     """
     fn = "blockwise_attention"
     opts, m, sinks = inputs.check(

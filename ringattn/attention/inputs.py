@@ -122,10 +122,12 @@ def check_sinks(fn, sinks, num_heads):
     return jnp.asarray(sinks)
 
 
-def check_blocks(fn, block_q, block_k):
+def check_blocks(fn, block_q, block_k, allow_none=True):
+    """Positive ints, or None: the XLA kernel's tiles for the platform (kernels/xla.py)."""
     for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not _is_int(b) or b <= 0:
-            raise ValueError(f"{fn}: `{name}` must be a positive int, got {b!r}.")
+        if (b is None and allow_none) or (_is_int(b) and b > 0):
+            continue
+        raise ValueError(f"{fn}: `{name}` must be a positive int or None, got {b!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +139,8 @@ class Options:
     spec: MaskSpec
     scale: float
     logits_soft_cap: float | None = None
-    block_q: int = 512
-    block_k: int = 512
+    block_q: int | None = None  # None: the platform's default (kernels/xla.py)
+    block_k: int | None = None
     kernel: object = "auto"
     # Called on the host for every tile the XLA kernel computes (blockwise_attention's docs).
     tile_callback: Callable | None = None
@@ -159,8 +161,8 @@ def check(
     scale=None,
     logits_soft_cap=None,
     sinks=None,
-    block_q=512,
-    block_k=512,
+    block_q=None,
+    block_k=None,
     kernel="auto",
     tile_callback=None,
     fill_positions=True,

@@ -1,8 +1,14 @@
 """Streaming perplexity (StreamingLLM, Xiao et al. 2023): a stream far longer than the cache,
-decoded one token at a time through a sink + window cache, a window-only cache, and the exact
-reference they are compared with, a sliding window recomputed from scratch for every token
-(positions 0.. inside the window). Also the attention mass each layer puts on the first tokens,
-which is what makes sinks matter."""
+decoded one token at a time through a window-only cache and a sink + window cache, against the
+exact reference, a sliding window recomputed from scratch for every token (positions 0.. inside
+the window), and dense attention over the whole stream (no eviction, positions past training).
+Also the attention each layer and head puts on the first tokens (and on a learned sink logit),
+which is what makes evicting them matter.
+
+    result = evaluate(cfg, params, streams, cache_len=256)             # "dense", "window", ...
+    result = add_model(result, "learned_sinks", cfg2, params2, streams)  # window + recompute
+    plot(result, "streaming.png"); plot_attention(result, "attention_sinks.png")
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,124 @@ import optax
 from ringattn.evals import generate as gen
 from ringattn.nn.model import Transformer
 from ringattn.nn.rope import apply_rope
+from ringattn.train.corpus import text_stream
+
+METHODS = ("dense", "window", "sink_window", "recompute")
+LEARNED_SINKS_METHODS = ("window", "recompute")
+
+
+def eval_streams(task_params, length, num_streams):
+    """[num_streams, length] int32: the held-out ("eval") files of a text run's task, concatenated
+    in `num_streams` orders; starting with BOS when the run trained with `bos`."""
+    p = dict(task_params or {})
+    return np.stack(
+        [
+            text_stream(
+                p.get("data_dir"),
+                "eval",
+                seed,
+                length=length,
+                glob=p.get("glob", "*.py"),
+                bos=bool(p.get("bos", False)),
+            )
+            for seed in range(num_streams)
+        ]
+    )
+
+
+def labels(cache_len, num_sinks):
+    return dict(
+        dense="dense, no eviction",
+        window=f"window only ({cache_len})",
+        sink_window=f"sink + window ({num_sinks} + {cache_len - num_sinks})",
+        recompute=f"sliding window, recomputed ({cache_len})",
+    )
+
+
+def method_nll(model, params, streams_BL, method, cache_len, num_sinks):
+    """NLL [B, L - 1] of each next token under one of METHODS."""
+    if method == "dense":
+        return np.asarray(_window_forward(model)(params, jnp.asarray(streams_BL, jnp.int32)))
+    if method == "recompute":
+        return recompute_nll(model, params, streams_BL, cache_len)
+    if method == "window":
+        spec = gen.CacheSpec("window", window=cache_len)
+    elif method == "sink_window":
+        spec = gen.CacheSpec("sink_window", num_sinks=num_sinks, window=cache_len - num_sinks)
+    else:
+        raise ValueError(f"streaming: `method` must be one of {METHODS}, got {method!r}.")
+    return np.asarray(stream_nll(model, params, streams_BL, spec))
+
+
+def evaluate(
+    cfg, params, streams_BL, *, cache_len, num_sinks=4, bin_size=128, methods=METHODS, log=print
+):
+    """`methods` on the streams [B, L]: per-bin perplexity, mean perplexity once the cache is
+    full (the "summary"), and the attention on the first `num_sinks` tokens per layer and head."""
+    if not 0 < num_sinks < cache_len < streams_BL.shape[1]:
+        raise ValueError(
+            f"streaming: need 0 < num_sinks < cache_len < stream length, got {num_sinks}, "
+            f"{cache_len}, {streams_BL.shape[1]}."
+        )
+    result = dict(
+        cache_len=cache_len,
+        num_sinks=num_sinks,
+        stream_len=int(streams_BL.shape[1]),
+        num_streams=int(streams_BL.shape[0]),
+        bin_size=bin_size,
+        methods={},
+        summary={},
+        attention={},
+    )
+    return add_model(result, "", cfg, params, streams_BL, methods=methods, log=log)
+
+
+def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_METHODS, log=print):
+    """`result` with another model's methods added as "<name>_<method>" (its attention under
+    `name`; "" for the first model, whose methods keep their plain names)."""
+    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="dense"))
+    model = gen.decoding_model(cfg)  # one device: the caches are small
+    params = gen.decoding_params(cfg, params)
+    cache_len, num_sinks = result["cache_len"], result["num_sinks"]
+    names = labels(cache_len, num_sinks)
+    for method in methods:
+        key = f"{name}_{method}" if name else method
+        nll = method_nll(model, params, streams_BL, method, cache_len, num_sinks)
+        starts, ppl = binned(nll, result["bin_size"])
+        after = float(np.exp(nll[:, cache_len:].mean()))
+        result["methods"][key] = dict(
+            model=name,
+            method=method,
+            label=f"{name}: {names[method]}" if name else names[method],
+            bin_start=starts.tolist(),
+            perplexity=ppl.tolist(),
+            perplexity_after_cache_full=after,
+        )
+        result["summary"][key] = after
+        log(f"{key}: perplexity after the cache is full {after:.3f}")
+    probe = jnp.asarray(streams_BL[:, :cache_len])
+    first, sink = attention_shares(model, params, probe, num_sinks)
+    even = even_share(cache_len, num_sinks)
+    result["attention"][name or "model"] = dict(
+        first_tokens=first.tolist(),
+        sink_logit=None if sink is None else sink.tolist(),
+        even_spread=even,
+    )
+    per_layer = np.round(first.mean(-1), 3).tolist()
+    log(f"{name or 'model'}: attention on the first {num_sinks} tokens, per layer {per_layer}")
+    log(f"  (an even spread: {even:.3f})")
+    return result
+
+
+def ratios(summary):
+    """The comparisons StreamingLLM's claims are about, from a result's summary."""
+    pairs = dict(
+        window_over_sink_window=("window", "sink_window"),
+        sink_window_over_recompute=("sink_window", "recompute"),
+        dense_over_recompute=("dense", "recompute"),
+        learned_sinks_window_over_recompute=("learned_sinks_window", "learned_sinks_recompute"),
+    )
+    return {k: summary[a] / summary[b] for k, (a, b) in pairs.items() if {a, b} <= set(summary)}
 
 
 def stream_nll(model, params, tokens_BL, spec: gen.CacheSpec):
@@ -77,7 +201,8 @@ def _window_forward(model):
 
 def attention_probs(model, params, tokens_BT):
     """Per layer, the causal attention probabilities [B, H, T, T] of a forward pass at positions
-    0..T-1, recomputed from each layer's input (captured) and its query/key weights."""
+    0..T-1, recomputed from each layer's input (captured) and its query/key weights. With learned
+    sinks a row sums to 1 minus the sink logit's share."""
     cfg = model.cfg
     b, t = tokens_BT.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -89,7 +214,7 @@ def attention_probs(model, params, tokens_BT):
         capture_intermediates=lambda mdl, name: mdl.name == "attn_norm",
         mutable=["intermediates"],
     )
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    cap = cfg.attention.logits_soft_cap
     probs = []
     for i in range(cfg.num_layers):
         h_BTE = state["intermediates"][f"layer_{i}"]["attn_norm"]["__call__"][0]
@@ -98,19 +223,37 @@ def attention_probs(model, params, tokens_BT):
         k = apply_rope(jnp.einsum("bte,ekd->btkd", h_BTE, p["key"]), pos, cfg.rope)
         k = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2)
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
-        probs.append(jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1))
+        if cap:
+            s = cap * jnp.tanh(s / cap)
+        back = np.arange(t)[:, None] - np.arange(t)[None]  # query - key
+        window = cfg.layer_window(i)
+        visible = (back >= 0) & (back < (window or t + 1))
+        s = jnp.where(visible, s, -jnp.inf)
+        if "sinks" in p:  # one more logit per head, whose value vector is 0
+            sink = jnp.broadcast_to(p["sinks"][None, :, None, None], (b, cfg.num_heads, t, 1))
+            probs.append(jax.nn.softmax(jnp.concatenate([s, sink], -1), axis=-1)[..., :t])
+        else:
+            probs.append(jax.nn.softmax(s, axis=-1))
     return probs
 
 
-def first_token_attention(model, params, tokens_BT, num_first=4):
-    """Per layer, the mean attention probability (over heads and the queries of the second half
-    of the sequence) on its first `num_first` tokens: [num_layers]. (Spread evenly, the mass
-    would be about num_first / (0.75 T).)"""
+def attention_shares(model, params, tokens_BT, num_first=4):
+    """(first [layers, heads], sink [layers, heads] or None): the mean attention probability on
+    the first `num_first` tokens, and on the learned sink logit, over the queries of the second
+    half of the sequence and the batch."""
     t = tokens_BT.shape[1]
-    return [
-        float(jnp.mean(p[:, :, t // 2 :, :num_first].sum(-1)))
-        for p in attention_probs(model, params, tokens_BT)
-    ]
+    late = [p[:, :, t // 2 :] for p in attention_probs(model, params, tokens_BT)]
+    first = np.array([np.asarray(p[..., :num_first].sum(-1).mean((0, 2))) for p in late])
+    if not model.cfg.attention.sinks:
+        return first, None
+    return first, np.array([np.asarray(1 - p.sum(-1).mean((0, 2))) for p in late])
+
+
+def even_share(t, num_first=4):
+    """The share attention spread evenly over the visible keys puts on the first `num_first`,
+    averaged over the queries of the second half of t tokens (about num_first / (0.75 t))."""
+    seen = np.arange(t // 2, t) + 1
+    return float(np.mean(np.minimum(num_first, seen) / seen))
 
 
 def binned(nll_BL, bin_size):
@@ -121,71 +264,70 @@ def binned(nll_BL, bin_size):
 
 
 def plot(result, path=None):
-    """Perplexity against position for every method (left) and each cached method's ratio to
-    the recomputed reference (right: drift shows as a departure from 1); the cache length
-    marked."""
+    """Perplexity against position for every method (left) and each method's ratio to its
+    model's recomputed window (right); the cache length marked, a second model dashed."""
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.2))
     methods = result["methods"]
-    ref = np.asarray(list(methods.values())[-1]["perplexity"])
-    for name, r in methods.items():
-        ax.plot(r["bin_start"], r["perplexity"], marker="o", ms=3, label=name)
-        ax_ratio.plot(r["bin_start"], np.asarray(r["perplexity"]) / ref, marker="o", ms=3)
+    for r in methods.values():
+        ls = "--" if r["model"] else "-"
+        line = ax.plot(r["bin_start"], r["perplexity"], ls=ls, marker="o", ms=3, label=r["label"])
+        ref = methods.get(f"{r['model']}_recompute" if r["model"] else "recompute")
+        if ref is not None and r["method"] != "recompute":
+            ratio = np.asarray(r["perplexity"]) / np.asarray(ref["perplexity"])
+            ax_ratio.plot(r["bin_start"], ratio, ls=ls, marker="o", ms=3, color=line[0].get_color())
     for a in (ax, ax_ratio):
-        a.axvline(result["cache_len"], color="gray", ls="--", lw=1)
-        a.set_xlabel("position in the stream (tokens; dashed: the cache is full)")
+        a.axvline(result["cache_len"], color="gray", ls=":", lw=1)
+        a.set_xlabel("position in the stream (tokens; dotted: the cache is full)")
+        a.set_yscale("log")
     ax.set_ylabel(f"perplexity (bins of {result['bin_size']})")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax_ratio.set_ylabel("perplexity / recomputed window")
+    ax.legend(fontsize=7)
+    ax_ratio.axhline(1.0, color="gray", lw=0.8)
+    ax_ratio.set_ylabel("perplexity / the model's recomputed window")
     fig.suptitle(
         f"Streaming: cache of {result['cache_len']} tokens ({result['num_sinks']} sinks), "
         f"{result['num_streams']} streams of {result['stream_len']}",
         fontsize=10,
     )
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_attention(result, path=None):
+    """Per layer and head, the share of attention on the first tokens (and on a learned sink
+    logit) against an even spread over the visible keys: one panel per model."""
+    import matplotlib.pyplot as plt
+
+    models = result["attention"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
+    for ax, (name, a) in zip(axes[0], models.items(), strict=True):
+        first = np.asarray(a["first_tokens"])
+        layers, heads = first.shape
+        x = np.arange(layers * heads) + np.repeat(np.arange(layers), heads)  # gaps between layers
+        width = 0.4 if a["sink_logit"] is not None else 0.8
+        ax.bar(x, first.ravel(), width, label=f"first {result['num_sinks']} tokens")
+        if a["sink_logit"] is not None:
+            ax.bar(x + width, np.asarray(a["sink_logit"]).ravel(), width, label="learned sink")
+        ax.axhline(a["even_spread"], color="k", ls="--", lw=1, label="even spread")
+        ax.set_xticks(x, [f"{h}" for _ in range(layers) for h in range(heads)], fontsize=7)
+        ax.set_xlabel("head, grouped by layer (0, 1, ...)")
+        ax.set_ylabel("share of attention")
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Attention of the queries in the second half of a {result['cache_len']}-token window",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path):
     if path is not None:
+        import matplotlib.pyplot as plt
+
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
-
-
-def evaluate(cfg, params, streams_BL, *, cache_len, num_sinks=4, bin_size=128, log=print):
-    """Every method on the streams [B, L]: per-bin perplexity, mean perplexity after the cache
-    is full, and the attention mass each layer puts on the first tokens."""
-    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="dense"))
-    model = gen.decoding_model(cfg)  # one device: the caches are small
-    params = gen.decoding_params(cfg, params)
-    methods = {
-        f"sink + window ({num_sinks} + {cache_len - num_sinks})": gen.CacheSpec(
-            "sink_window", num_sinks=num_sinks, window=cache_len - num_sinks
-        ),
-        f"window only ({cache_len})": gen.CacheSpec("window", window=cache_len),
-        f"sliding window, recomputed ({cache_len})": None,
-    }
-    out = dict(
-        cache_len=cache_len,
-        num_sinks=num_sinks,
-        stream_len=int(streams_BL.shape[1]),
-        num_streams=int(streams_BL.shape[0]),
-        bin_size=bin_size,
-        methods={},
-    )
-    for name, spec in methods.items():
-        if spec is None:
-            nll = recompute_nll(model, params, streams_BL, cache_len)
-        else:
-            nll = np.asarray(stream_nll(model, params, streams_BL, spec))
-        starts, ppl = binned(nll, bin_size)
-        after = float(np.exp(nll[:, cache_len:].mean()))
-        out["methods"][name] = dict(
-            bin_start=starts.tolist(), perplexity=ppl.tolist(), perplexity_after_cache_full=after
-        )
-        log(f"{name}: perplexity after the cache is full {after:.3f}")
-    probe = jnp.asarray(streams_BL[:, :cache_len])
-    out["first_token_attention"] = first_token_attention(model, params, probe, num_sinks)
-    log(
-        f"attention mass on the first {num_sinks} tokens, per layer: {out['first_token_attention']}"
-    )
-    return out

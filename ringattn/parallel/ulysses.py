@@ -99,8 +99,8 @@ def ulysses_attention(
     scale=None,
     logits_soft_cap=None,
     sinks=None,
-    block_q=512,
-    block_k=512,
+    block_q=None,
+    block_k=None,
     return_lse=False,
     kernel="auto",
 ):

@@ -105,14 +105,15 @@ def prepare(cfg, q, k, v, m):
     return qs, q_, prepare_kv(cfg, k, v, m.kv_pos, m.kv_seg)
 
 
-def soft_cap(s, cap):
-    """Gemma 2's logit soft cap, cap * tanh(s / cap) (identity when cap is None)."""
-    return s if cap is None else cap * jnp.tanh(s / cap)
-
-
-def soft_cap_slope(capped, cap):
-    """d capped / d s at the capped logits: 1 - tanh^2 = 1 - (capped / cap)^2."""
-    return 1.0 - jnp.square(capped / cap)
+def logits(qk, scale, cap, unit=1.0):
+    """(s, t): the logits s = scale * qk, soft-capped (Gemma 2) to cap * t with t = tanh(scale *
+    qk / cap) when cap is given (t = None without a cap), times `unit` (log2(e) for a base-2
+    softmax). The constants fold into one multiply; the backward needs t for the cap's slope,
+    1 - t^2."""
+    if cap is None:
+        return qk * (scale * unit), None
+    t = jnp.tanh(qk * (scale / cap))
+    return (cap * unit) * t, t
 
 
 def varying(x):

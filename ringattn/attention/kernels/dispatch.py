@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ringattn.attention.kernels import cudnn, fused, probe, splash
+from ringattn.attention.kernels import xla as xla_lib
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
 from ringattn.attention.kernels.xla import Xla
 
@@ -82,6 +83,11 @@ def needs_vma_off(kernel, where):
     return interpreted(kernel, where) or splash_kernel or (kernel == "auto" and where == "tpu")
 
 
+def _xla(c: Call):
+    """The XLA kernel with the platform's default tiles."""
+    return Xla(block=xla_lib.BLOCKS.get(c.where, 512))
+
+
 def _dtype_in(dtype, allowed):
     return any(jnp.dtype(dtype) == jnp.dtype(a) for a in allowed)
 
@@ -128,7 +134,7 @@ def _named(c: Call, name):
     if why is not None and not (name == "cudnn" and cudnn.unavailable_reason() == why):
         raise _unsupported(c, name, why)
     if name == "xla":
-        return Xla()
+        return _xla(c)
     if name == "pallas_gpu":
         if c.where != "gpu":
             warn_once(
@@ -155,10 +161,10 @@ def _auto(c: Call):
             chosen = _first_working(c, [cudnn.Cudnn(fallback=partial)])
             if chosen is not None:
                 return chosen
-        return pallas or Xla()
+        return pallas or _xla(c)
     if c.where == "tpu" and _problem("pallas_tpu", c) is None:
-        return _first_working(c, [splash.PallasTpu()]) or Xla()
-    return Xla()
+        return _first_working(c, [splash.PallasTpu()]) or _xla(c)
+    return _xla(c)
 
 
 def _first_working(c: Call, kernels):
@@ -192,7 +198,7 @@ def resolve(fn, opts, dtype, head_dim, v_head_dim, q_len, kv_len, segments=False
     )
     if isinstance(kernel, str) and kernel in KERNELS:
         if kernel == "auto":
-            kern = Xla() if opts.tile_callback is not None else _auto(c)
+            kern = _xla(c) if opts.tile_callback is not None else _auto(c)
         else:
             kern = _named(c, kernel)
     elif isinstance(kernel, (Xla, fused.FusedKernel)):

@@ -7,6 +7,8 @@
 delta = rowsum(do * o) - dlse is the usual pre-pass, done by XLA (a fused elementwise +
 reduction). Gradients are f32 and without the softmax scale, like the XLA kernel's.
 `pl.program_id` is read at the top level of each kernel only, so interpret mode runs them.
+`backward` runs both calls; `backward_dkv` and `backward_dq` are each one on its own (so a
+compile failure can be pinned to one of them: experiments/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -18,22 +20,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ringattn.attention.kernels import pallas_common as pc
-from ringattn.attention.kernels.base import soft_cap, soft_cap_slope
+from ringattn.attention.kernels.base import logits
 from ringattn.attention.masks import FULL
 
 
 def _tile_ds(q, k, do, v, lse, delta, scale, cap, mask_args, state):
     """(p, ds) of one tile: p = exp(s - lse), masked (`pc.visible(*mask_args)`) unless the tile
     is FULL, ds = p (dp - delta) times the soft cap's slope; mask_args is None without a mask."""
-    s = soft_cap(pc.dot(q, k) * scale, cap)
-    p = jnp.exp2(s * pc.LOG2E - lse[:, None])
+    s2, t = logits(pc.dot(q, k), scale, cap, unit=pc.LOG2E)  # the logits in base 2
+    p = jnp.exp2(s2 - lse[:, None])
     if mask_args is not None:  # the mask is built only in PARTIAL tiles
         p = lax.cond(
             state == FULL, lambda p: p, lambda p: jnp.where(pc.visible(*mask_args), p, 0.0), p
         )
     ds = p * (pc.dot(do, v) - delta[:, None])
-    if cap is not None:
-        ds = ds * soft_cap_slope(s, cap)
+    if t is not None:  # the soft cap's slope
+        ds = ds * (1.0 - t * t)
     return p, ds
 
 
@@ -117,83 +119,106 @@ def _mask_inputs(call, qs, ks, tab, blocks, by_q):
         call.add("bounds", tab.k_bounds, (None, None, 2), lambda a, bb, c: (bb, a, 0))
 
 
-def backward(kern, cfg, q_, k_, v_, do_, lse_, delta, qs, ks, grads=None):
-    """(dq, dk, dv) f32 and unscaled, plus `grads` if given (accumulated in place).
+class _Operands:
+    """What both backward calls start from: operands with head dims padded for Triton, block
+    sizes and counts, and the tile tables (None without a mask)."""
 
-    lse_ has -LSE_NONE where a query sees nothing (so p = 0), delta = rowsum(do * o) - dlse.
-    """
-    b, tp, h, d = q_.shape
-    sp, kh, dv_dim = k_.shape[1], k_.shape[2], v_.shape[-1]
-    g = h // kh
-    bq, bk = min(kern.block_q_bwd, tp), min(kern.block_k_bwd, sp)
-    nq, nk = tp // bq, sp // bk
-    q_, k_, v_, do_ = (pc.pad_head_dim(x) for x in (q_, k_, v_, do_))
-    dp, dvp = q_.shape[-1], v_.shape[-1]
-    masked = pc.has_mask(cfg, qs)
-    tab = pc.Tables(cfg, qs, ks, bq, bk, b) if masked else None
-    grads = None if grads is None else tuple(pc.pad_head_dim(x) for x in grads)
-    common = dict(
-        spec=cfg.spec, scale=cfg.scale, cap=cfg.soft_cap, kv_len=cfg.kv_len, masked=masked
-    )
+    def __init__(self, kern, cfg, q_, k_, v_, do_, qs, ks):
+        b, self.tp, self.h, self.d = q_.shape
+        self.b, self.sp, self.kh = b, k_.shape[1], k_.shape[2]
+        self.dv_dim, self.g = v_.shape[-1], self.h // self.kh
+        self.bq, self.bk = min(kern.block_q_bwd, self.tp), min(kern.block_k_bwd, self.sp)
+        self.nq, self.nk = self.tp // self.bq, self.sp // self.bk
+        self.q, self.k, self.v, self.do = (pc.pad_head_dim(x) for x in (q_, k_, v_, do_))
+        self.dp, self.dvp = self.q.shape[-1], self.v.shape[-1]
+        self.masked = pc.has_mask(cfg, qs)
+        self.tab = pc.Tables(cfg, qs, ks, self.bq, self.bk, b) if self.masked else None
+        self.common = dict(
+            spec=cfg.spec, scale=cfg.scale, cap=cfg.soft_cap, kv_len=cfg.kv_len, masked=self.masked
+        )
 
-    # dK/dV: program (j, b, kv head).
+
+def backward_dkv(kern, cfg, q_, k_, v_, do_, lse_, delta, qs, ks, grads=None):
+    """(dk, dv) f32 and unscaled, plus grads = (dk, dv) if given (accumulated in place): the
+    dK/dV pallas_call, program (j, b, kv head)."""
+    o = _Operands(kern, cfg, q_, k_, v_, do_, qs, ks)
+    tp, g, bk, dp, dvp = o.tp, o.g, o.bk, o.dp, o.dvp
     call = pc.Call()
-    call.add("q", q_, (None, tp, g, dp), lambda j, bb, kk: (bb, 0, kk, 0))
-    call.add("do", do_, (None, tp, g, dvp), lambda j, bb, kk: (bb, 0, kk, 0))
+    call.add("q", o.q, (None, tp, g, dp), lambda j, bb, kk: (bb, 0, kk, 0))
+    call.add("do", o.do, (None, tp, g, dvp), lambda j, bb, kk: (bb, 0, kk, 0))
     call.add("lse", lse_, (None, g, tp), lambda j, bb, kk: (bb, kk, 0))
     call.add("delta", delta, (None, g, tp), lambda j, bb, kk: (bb, kk, 0))
-    call.add("k", k_, (None, bk, None, dp), lambda j, bb, kk: (bb, j, kk, 0))
-    call.add("v", v_, (None, bk, None, dvp), lambda j, bb, kk: (bb, j, kk, 0))
-    if masked:
-        _mask_inputs(call, qs, ks, tab, (tp, bk), by_q=False)
+    call.add("k", o.k, (None, bk, None, dp), lambda j, bb, kk: (bb, j, kk, 0))
+    call.add("v", o.v, (None, bk, None, dvp), lambda j, bb, kk: (bb, j, kk, 0))
+    if o.masked:
+        _mask_inputs(call, qs, ks, o.tab, (tp, bk), by_q=False)
     k_spec = pl.BlockSpec((None, bk, None, dp), lambda j, bb, kk: (bb, j, kk, 0))
     v_spec = pl.BlockSpec((None, bk, None, dvp), lambda j, bb, kk: (bb, j, kk, 0))
     aliases = {}
     if grads is not None:
-        call.add("dk_in", grads[1], (None, bk, None, dp), lambda j, bb, kk: (bb, j, kk, 0))
-        call.add("dv_in", grads[2], (None, bk, None, dvp), lambda j, bb, kk: (bb, j, kk, 0))
+        dk_in, dv_in = (pc.pad_head_dim(x) for x in grads)
+        call.add("dk_in", dk_in, (None, bk, None, dp), lambda j, bb, kk: (bb, j, kk, 0))
+        call.add("dv_in", dv_in, (None, bk, None, dvp), lambda j, bb, kk: (bb, j, kk, 0))
         aliases = {call.index("dk_in"): 0, call.index("dv_in"): 1}
     dk, dv = call(
         kern,
         _dkv_kernel,
-        grid=(nk, b, kh),
-        out_shapes=(k_.shape, v_.shape),
+        grid=(o.nk, o.b, o.kh),
+        out_shapes=(o.k.shape, o.v.shape),
         out_specs=(k_spec, v_spec),
         aliases=aliases,
         label="dkv",
-        bq=bq,
+        bq=o.bq,
         bk=bk,
-        nq=nq,
+        nq=o.nq,
         g=g,
         has_grads=grads is not None,
-        **common,
+        **o.common,
     )
+    return dk[..., : o.d], dv[..., : o.dv_dim]
 
-    # dQ: program (i, b, head).
+
+def backward_dq(kern, cfg, q_, k_, v_, do_, lse_, delta, qs, ks, dq=None):
+    """dq f32 and unscaled, plus `dq` if given (accumulated in place): the dQ pallas_call,
+    program (i, b, head)."""
+    o = _Operands(kern, cfg, q_, k_, v_, do_, qs, ks)
+    sp, g, bq, dp, dvp = o.sp, o.g, o.bq, o.dp, o.dvp
     call = pc.Call()
-    call.add("q", q_, (None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0))
-    call.add("do", do_, (None, bq, None, dvp), lambda i, bb, hh: (bb, i, hh, 0))
+    call.add("q", o.q, (None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0))
+    call.add("do", o.do, (None, bq, None, dvp), lambda i, bb, hh: (bb, i, hh, 0))
     call.add("lse", lse_, (None, None, bq), lambda i, bb, hh: (bb, hh, i))
     call.add("delta", delta, (None, None, bq), lambda i, bb, hh: (bb, hh, i))
-    call.add("k", k_, (None, sp, None, dp), lambda i, bb, hh: (bb, 0, hh // g, 0))
-    call.add("v", v_, (None, sp, None, dvp), lambda i, bb, hh: (bb, 0, hh // g, 0))
-    if masked:
-        _mask_inputs(call, qs, ks, tab, (bq, sp), by_q=True)
-    aliases = {}
-    if grads is not None:
-        call.add("dq_in", grads[0], (None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0))
+    call.add("k", o.k, (None, sp, None, dp), lambda i, bb, hh: (bb, 0, hh // g, 0))
+    call.add("v", o.v, (None, sp, None, dvp), lambda i, bb, hh: (bb, 0, hh // g, 0))
+    if o.masked:
+        _mask_inputs(call, qs, ks, o.tab, (bq, sp), by_q=True)
+    aliases, has_grads = {}, dq is not None
+    if has_grads:
+        dq_in = pc.pad_head_dim(dq)
+        call.add("dq_in", dq_in, (None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0))
         aliases = {call.index("dq_in"): 0}
     (dq,) = call(
         kern,
         _dq_kernel,
-        grid=(nq, b, h),
-        out_shapes=(q_.shape,),
+        grid=(o.nq, o.b, o.h),
+        out_shapes=(o.q.shape,),
         out_specs=(pl.BlockSpec((None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0)),),
         aliases=aliases,
         label="dq",
-        bk=bk,
-        nk=nk,
-        has_grads=grads is not None,
-        **common,
+        bk=o.bk,
+        nk=o.nk,
+        has_grads=has_grads,
+        **o.common,
     )
-    return dq[..., :d], dk[..., :d], dv[..., :dv_dim]
+    return dq[..., : o.d]
+
+
+def backward(kern, cfg, q_, k_, v_, do_, lse_, delta, qs, ks, grads=None):
+    """(dq, dk, dv) f32 and unscaled, plus `grads` if given (accumulated in place): the dK/dV
+    call, then the dQ call.
+
+    lse_ has -LSE_NONE where a query sees nothing (so p = 0), delta = rowsum(do * o) - dlse.
+    """
+    args = (kern, cfg, q_, k_, v_, do_, lse_, delta, qs, ks)
+    dk, dv = backward_dkv(*args, None if grads is None else grads[1:])
+    return backward_dq(*args, None if grads is None else grads[0]), dk, dv

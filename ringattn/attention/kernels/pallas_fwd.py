@@ -10,7 +10,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ringattn.attention.kernels import pallas_common as pc
-from ringattn.attention.kernels.base import soft_cap
+from ringattn.attention.kernels.base import logits
 from ringattn.attention.masks import FULL, LSE_NONE
 
 
@@ -39,7 +39,7 @@ def _fwd_kernel(r, o_ref, lse_ref, *, spec, scale, cap, bk, kv_len, nk, masked, 
         start = pl.multiple_of(j * bk, bk)
         k = r["k"][pl.ds(start, bk), :]
         v = r["v"][pl.ds(start, bk), :]
-        s = soft_cap(pc.dot(q, k) * scale, cap) * pc.LOG2E
+        s, _ = logits(pc.dot(q, k), scale, cap, unit=pc.LOG2E)
         if masked:  # the mask is built only in PARTIAL tiles (inside the cond's branch)
 
             def mask(s):

@@ -17,14 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ringattn.attention import masks
-from ringattn.attention.kernels.base import (
-    Config,
-    Kernel,
-    Side,
-    pad_to_block,
-    soft_cap,
-    soft_cap_slope,
-)
+from ringattn.attention.kernels.base import Config, Kernel, Side, logits, pad_to_block
 from ringattn.attention.masks import FULL, LSE_NONE, PARTIAL, SKIP
 
 
@@ -149,8 +142,8 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKE, qs: Side, ks: Side, o_BTKGE, 
             acc, m, den = carry
             k_ = _tile(k_BSKD, j, bk, cfg.dtype)
             v_ = _tile(v_BSKE, j, bk, cfg.dtype)
-            s = jnp.einsum("bkrd,bskd->bkrs", q_, k_, preferred_element_type=acc_dtype)
-            s = soft_cap(s * cfg.scale, cfg.soft_cap)
+            qk = jnp.einsum("bkrd,bskd->bkrs", q_, k_, preferred_element_type=acc_dtype)
+            s, _ = logits(qk, cfg.scale, cfg.soft_cap)
             if masked:
                 s = jnp.where(_rows_mask(_tile_mask(cfg, qs, ks, i, j), g), s, LSE_NONE)
             m_new = jnp.maximum(m, s.max(-1))
@@ -209,15 +202,15 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKE, do_BTKGE, lse_BKGT, delta_BKG
             do_ = _rows(_tile(do_BTKGE, i, bq, cfg.dtype))
             lse_ = _rows_stat(lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, 3))[..., None]
             delta_ = _rows_stat(lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, 3))[..., None]
-            s = jnp.einsum("bkqd,bskd->bkqs", q_, k_BSKD_, preferred_element_type=acc_dtype)
-            s = soft_cap(s * cfg.scale, cfg.soft_cap)
+            qk = jnp.einsum("bkqd,bskd->bkqs", q_, k_BSKD_, preferred_element_type=acc_dtype)
+            s, t = logits(qk, cfg.scale, cfg.soft_cap)
             p = jnp.exp(s - lse_)
             if masked:
                 p = jnp.where(_rows_mask(_tile_mask(cfg, qs, ks, i, j), g), p, 0.0)
             dp = jnp.einsum("bkqd,bskd->bkqs", do_, v_BSKE_, preferred_element_type=acc_dtype)
             ds = p * (dp - delta_)
-            if cfg.soft_cap is not None:
-                ds = ds * soft_cap_slope(s, cfg.soft_cap)
+            if t is not None:  # the soft cap's slope
+                ds = ds * (1.0 - t * t)
             ds = ds.astype(dt)
             dv_ = dv_ + jnp.einsum(
                 "bkqs,bkqd->bskd", p.astype(dt), do_, preferred_element_type=acc_dtype
@@ -254,14 +247,23 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKE, do_BTKGE, lse_BKGT, delta_BKG
     return lax.fori_loop(0, nk, kv_block, grads)
 
 
+# Default tiles per platform, when a call gives block_q / block_k = None. GPU: on one H200
+# (bf16, D = 128, T = 8K, fwd+bwd) 1024 x 1024 tiles ran 2.4x faster than 512 x 512
+# (experiments/results/gpu_h200_core.txt): bigger dots amortise the loop. CPU: 512 (the
+# benchmarks in experiments/results/cpu_*.txt ran with it). TPU: 512 (unmeasured here).
+BLOCKS = {"gpu": 1024, "cpu": 512, "tpu": 512}
+
+
 @dataclasses.dataclass(frozen=True)
 class Xla(Kernel):
-    """The XLA kernel (module docstring); its tiles are the calls' block_q / block_k."""
+    """The XLA kernel (module docstring); its tiles are the calls' block_q / block_k, or
+    `block` (the platform's default, BLOCKS) where a call gives None."""
 
     name: ClassVar[str] = "xla"
+    block: int = 512
 
     def blocks(self, block_q, block_k, q_len, kv_len):
-        return min(block_q, q_len), min(block_k, kv_len)
+        return min(block_q or self.block, q_len), min(block_k or self.block, kv_len)
 
     def store_q(self, q_BTHD, num_kv_heads):
         return to_storage(group_heads(q_BTHD, num_kv_heads))

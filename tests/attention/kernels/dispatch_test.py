@@ -74,7 +74,7 @@ def test_gpu_rules(monkeypatch):
     monkeypatch.setattr(probe, "failure", lambda *a: None)
     assert _resolve("auto", BF16) == Cudnn()
     assert _resolve("auto", F32) == PallasGpu()
-    assert _resolve("auto", jnp.float64) == Xla()
+    assert _resolve("auto", jnp.float64) == Xla(block=1024)  # the GPU's default tiles
     assert _resolve("auto", BF16, head_dim=100) == PallasGpu()
     assert _resolve("auto", BF16, cap=30.0) == PallasGpu()
     with pytest.raises(ValueError, match="soft cap"):
