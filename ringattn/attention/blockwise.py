@@ -146,25 +146,8 @@ def blockwise_attention(
     (kernels/dispatch.py); block_q / block_k are the XLA kernel's tiles (None: the platform's
     default, 512 on CPU and TPU, 1024 on GPU; fused kernels have their own).
     """
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "blockwise_attention"
-    opts, m, sinks = inputs.check(
-        fn,
-        q,
-        k,
-        v,
-        causal=causal,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        sinks=sinks,
-        block_q=block_q,
-        block_k=block_k,
-        kernel=kernel,
-        tile_callback=tile_callback,
-    )
+    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args))
     out, lse = _attend_jit(fn, q, k, v, opts, m, sinks)
     return (out, lse) if return_lse else out

@@ -31,21 +31,8 @@ def reference_attention(
     float32 at least (float64 when given float64). Queries that see no key get 0 and lse = -inf
     (lse = their sink with sinks).
     """
-    opts, m, sinks = inputs.check(
-        "reference_attention",
-        q,
-        k,
-        v,
-        causal=causal,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        sinks=sinks,
-    )
+    args = locals()  # the call's arguments, before any other name is bound
+    opts, m, sinks = inputs.check("reference_attention", q, k, v, **inputs.keywords(args))
     b, t, h, d = q.shape
     kh = k.shape[2]
     acc = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)

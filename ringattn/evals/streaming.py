@@ -251,7 +251,7 @@ def attention_shares(model, params, tokens_BT, num_first=4):
 
 def even_share(t, num_first=4):
     """The share attention spread evenly over the visible keys puts on the first `num_first`,
-    averaged over the queries of the second half of t tokens (about num_first / (0.75 t))."""
+    averaged over the queries of the second half of t tokens (about 2 ln 2 num_first / t)."""
     seen = np.arange(t // 2, t) + 1
     return float(np.mean(np.minimum(num_first, seen) / seen))
 

@@ -174,26 +174,9 @@ def allgather_attention(
     KV heads) bounds the gathered K/V per device to 1 / head_chunks of it. `kernel` as in
     `blockwise_attention`; fused kernels need head_chunks = 1 ("auto" then runs XLA).
     """
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "allgather_attention"
-    opts, m, sinks = inputs.check(
-        fn,
-        q,
-        k,
-        v,
-        causal=causal,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        sinks=sinks,
-        block_q=block_q,
-        block_k=block_k,
-        kernel=kernel,
-        fill_positions=False,
-    )
+    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
     out, lse = _allgather_jit(
         fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout, head_chunks=head_chunks
     )

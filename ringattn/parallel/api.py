@@ -163,6 +163,7 @@ def context_parallel_attention(
     "pallas_tpu" or a kernel object, see `blockwise_attention`), chosen for the mesh's platform.
     `logits_soft_cap` and `sinks` [H] as in `reference_attention`.
     """
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "context_parallel_attention"
     if strategy not in STRATEGIES:
         raise ValueError(f"{fn}: `strategy` must be one of {STRATEGIES}, got {strategy!r}.")
@@ -180,25 +181,7 @@ def context_parallel_attention(
     layouts.check_layout(fn, layout, s, n, "key length")
     # Positions the caller did not give are derived by each device from the layout (and the
     # ring then knows statically which of its steps the mask needs).
-    opts, m, sinks = inputs.check(
-        fn,
-        q,
-        k,
-        v,
-        causal=causal,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        sinks=sinks,
-        block_q=block_q,
-        block_k=block_k,
-        kernel=kernel,
-        fill_positions=False,
-    )
+    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
     allgather.check_head_chunks(fn, head_chunks, k.shape[2])
     if head_chunks != 1 and strategy not in ("allgather", "auto"):
         raise ValueError(

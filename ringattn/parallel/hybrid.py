@@ -81,25 +81,8 @@ def hybrid_attention(
     n_u * n_r shards. Positions not given are those `layout` assigns to this shard. The heads of
     q must be a multiple of the Ulysses axis size. `kernel`: the ring steps' kernel.
     """
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "hybrid_attention"
-    opts, m, sinks = inputs.check(
-        fn,
-        q,
-        k,
-        v,
-        causal=causal,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        sinks=sinks,
-        block_q=block_q,
-        block_k=block_k,
-        kernel=kernel,
-        fill_positions=False,
-    )
+    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
     out, lse = _hybrid_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -205,26 +205,8 @@ def ring_attention(
     `blockwise_attention`: it sees every tile every device computes. `kernel` as in
     `blockwise_attention`: the single-device kernel every step runs.
     """
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "ring_attention"
-    opts, m, sinks = inputs.check(
-        fn,
-        q,
-        k,
-        v,
-        causal=causal,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        sinks=sinks,
-        block_q=block_q,
-        block_k=block_k,
-        kernel=kernel,
-        tile_callback=tile_callback,
-        fill_positions=False,
-    )
+    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
     out, lse = _ring_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -150,27 +150,33 @@ def test_variant_model_equals_dense(impl, layout, scan):
     assert_same(got, want)
 
 
-def test_local_layers_see_only_their_window():
-    """Layer windows follow the pattern (local, global, local, global), and a model of local
-    layers only (window 6, two of them: a reach of 10 tokens back) on the ring: d logits[t] /
-    d x[s] is nonzero exactly for t - 10 <= s <= t within t's document."""
-    assert [config(True).layer_window(i) for i in range(4)] == [6, None, 6, None]
-    mesh = make_mesh(dict(data=2, context=4))
-    cfg = config(impl="ring", block_q=4, block_k=4, sliding_window=6)
-    model = Transformer(cfg, mesh)
+def _sensitivity(cfg):
+    """jit((x, t) -> |d logits[:, t] / d x| summed over the embedding [B, T]) of the model of
+    `cfg` on the (data 2, context 4) mesh, with the shared parameters."""
+    model = Transformer(cfg, make_mesh(dict(data=2, context=4)))
     tokens, pos, seg, _ = inputs()
     p = {"params": params()}
-    x = model.apply(p, tokens, method=Transformer.embed)
 
     @jax.jit
     def sensitivity(x, t):
         f = lambda x: jnp.sum(  # noqa: E731
             model.apply(p, x, pos, seg, method=Transformer.from_embeddings)[:, t] ** 2
         )
-        return jnp.abs(jax.grad(f)(x)).sum(-1)  # [B, T]
+        return jnp.abs(jax.grad(f)(x)).sum(-1)
 
+    x = model.apply(p, tokens, method=Transformer.embed)
+    return lambda t: sensitivity(x, t)
+
+
+def test_local_layers_see_only_their_window():
+    """Layer windows follow the pattern (local, global, local, global), and a model of local
+    layers only (window 6, two of them: a reach of 10 tokens back) on the ring: d logits[t] /
+    d x[s] is nonzero exactly for t - 10 <= s <= t within t's document."""
+    assert [config(True).layer_window(i) for i in range(4)] == [6, None, 6, None]
+    sensitivity = _sensitivity(config(impl="ring", block_q=4, block_k=4, sliding_window=6))
+    seg = inputs()[2]
     for t in (9, 25, T - 1):
-        s = np.asarray(sensitivity(x, t))
+        s = np.asarray(sensitivity(t))
         near = (np.arange(T)[None] <= t) & (np.arange(T)[None] >= t - 10)
         visible = (seg == seg[:, t : t + 1]) & near
         assert np.all(s[~visible] == 0), t
@@ -179,22 +185,10 @@ def test_local_layers_see_only_their_window():
 
 def test_gradients_are_causal_within_documents():
     """d logits[t] / d x[s] is nonzero exactly for s <= t in t's document (ring, zigzag)."""
-    mesh = make_mesh(dict(data=2, context=4))
-    cfg = dataclasses.replace(CFG, attention=AttentionConfig(impl="ring", block_q=4, block_k=4))
-    model = Transformer(cfg, mesh)
-    tokens, pos, seg, _ = inputs()
-    p = {"params": params()}
-    x = model.apply(p, tokens, method=Transformer.embed)
-
-    @jax.jit
-    def sensitivity(x, t):
-        f = lambda x: jnp.sum(  # noqa: E731
-            model.apply(p, x, pos, seg, method=Transformer.from_embeddings)[:, t] ** 2
-        )
-        return jnp.abs(jax.grad(f)(x)).sum(-1)  # [B, T]
-
+    sensitivity = _sensitivity(config(impl="ring", block_q=4, block_k=4))
+    seg = inputs()[2]
     for t in (0, 10, 11, 25, T - 1):
-        s = np.asarray(sensitivity(x, t))
+        s = np.asarray(sensitivity(t))
         visible = (seg == seg[:, t : t + 1]) & (np.arange(T)[None] <= t)
         assert np.all(s[~visible] == 0), t
         assert np.all(s[visible] > 0), t

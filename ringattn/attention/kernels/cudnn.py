@@ -175,11 +175,7 @@ class Cudnn(fused.FusedKernel):
         return dataclasses.replace(self, fallback=self.fallback.fit(q_len, kv_len))
 
     def supports(self, soft_cap, head_dim, v_head_dim):
-        if soft_cap is not None:
-            return "cuDNN's fused attention takes no logit soft cap"
-        if v_head_dim != head_dim:
-            return f"it needs v's head dim ({v_head_dim}) to equal q's and k's ({head_dim})"
-        return None
+        return fused.library_supports(soft_cap, head_dim, v_head_dim)
 
     def _step_class(self, cfg, q_, v_, qs, ks):
         """fused.step_class (padding is cuDNN's own), PARTIAL (the fallback) wherever cuDNN

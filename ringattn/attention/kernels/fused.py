@@ -86,6 +86,16 @@ class FusedKernel(Kernel):
         )
 
 
+def library_supports(soft_cap, head_dim, v_head_dim):
+    """What library kernels (cuDNN, splash) cannot express: a soft cap, a v head dim of its own.
+    Their steps then run the fallback; dispatch chooses another kernel under "auto"."""
+    if soft_cap is not None:
+        return "its fused attention takes no logit soft cap"
+    if v_head_dim != head_dim:
+        return f"it needs v's head dim ({v_head_dim}) to equal q's and k's ({head_dim})"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps: merging results, classifying a step, the XLA kernel as a fallback.
 

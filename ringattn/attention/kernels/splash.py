@@ -117,11 +117,7 @@ class PallasTpu(fused.FusedKernel):
         )
 
     def supports(self, soft_cap, head_dim, v_head_dim):
-        if soft_cap is not None:
-            return "the ring's splash steps take no logit soft cap"
-        if v_head_dim != head_dim:
-            return f"it needs v's head dim ({v_head_dim}) to equal q's and k's ({head_dim})"
-        return None
+        return fused.library_supports(soft_cap, head_dim, v_head_dim)
 
     def _segments_only(self, cfg):
         """Whether a PARTIAL step can only come from segment ids (splash takes those)."""
