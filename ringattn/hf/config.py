@@ -8,10 +8,9 @@ first, which both read. HF's tied Llama logits are x @ embedding^T: scale_tied_l
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-from ringattn.nn.config import AttentionConfig, ModelConfig
+from ringattn.nn.config import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -50,13 +49,6 @@ def _error(field, expected, got):
     return ValueError(f"Hugging Face config: `{field}` must be {expected}, got {got!r}.")
 
 
-def has_window_fields() -> bool:
-    """Whether our attention config has the per-layer sliding window (sliding_window,
-    global_every) that Mistral's `sliding_window` maps to."""
-    names = {f.name for f in dataclasses.fields(AttentionConfig)}
-    return {"sliding_window", "global_every"} <= names
-
-
 def model_fields(hf: dict) -> dict:
     """Our `model` config fields (configs/default.py's names; nested dicts for rope and
     attention) of a Hugging Face config.json dict. dtypes and the attention implementation are
@@ -86,13 +78,7 @@ def model_fields(hf: dict) -> dict:
         rope=rope_fields(hf),
     )
     window = hf.get("sliding_window") if model_type == "mistral" else None
-    if window is not None:
-        if not has_window_fields():
-            raise NotImplementedError(
-                f"Hugging Face config: `sliding_window` = {window} needs the per-layer window "
-                "(model.attention.sliding_window / global_every), which this ringattn does not "
-                "have yet."
-            )
+    if window is not None:  # every layer local: Mistral's window, tokens seen incl. itself
         fields["attention"] = dict(sliding_window=int(window), global_every=0)
     return fields
 
@@ -159,7 +145,7 @@ def hf_config(cfg: ModelConfig, dtype: str, template: dict | None = None) -> dic
             "hf_config: a tied model with `scale_tied_logits` has no HF form as tied; export it "
             "untied (ringattn/hf/weights.py writes lm_head = embedding / sqrt(d_model))."
         )
-    window = getattr(cfg.attention, "sliding_window", 0)
+    window = cfg.attention.sliding_window
     if window and cfg.attention.global_every:
         every = cfg.attention.global_every
         raise _error("model.attention.global_every (ours)", "0 (Mistral's form)", every)

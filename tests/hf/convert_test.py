@@ -118,10 +118,6 @@ def tokens_for(vocab, seed=0):
 def test_logits_match_transformers(case, tmp_path):
     fields = tiny(**CASES[case])
     model = hf_model(tmp_path / "hf", fields)
-    if fields.get("sliding_window") and not hf_config.has_window_fields():
-        with pytest.raises(NotImplementedError, match="sliding_window"):
-            import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "run"), base_config())
-        pytest.skip("model.attention.sliding_window has not landed: the import refuses")
     import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "run"), base_config())
     tokens = tokens_for(fields["vocab_size"])
     theirs = hf_logits(model, tokens)
