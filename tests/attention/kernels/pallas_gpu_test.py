@@ -256,3 +256,23 @@ def test_variants(helpers, ring):
     got = jax.jit(lambda *a: _variant_grads(fn, *a, **kw))(*f32)
     for name, a, w in zip(("out", "dq", "dk", "dv", "dsinks"), got, want, strict=True):
         helpers.assert_close(a, w, 2e-5, name)
+
+
+def test_output_types_carry_the_manual_axes():
+    """Inside shard_map with check_vma=True a pallas_call needs every output's manual-axis type,
+    also for an input that varies over no axis (positions shared by every device): point 5 of
+    the GPU review, where the struct went without one and the call raised."""
+    mesh = jax.make_mesh(
+        (2,), ("context",), devices=jax.devices("cpu")[:2], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    seen = {}
+
+    def local(x, shared):
+        seen["varying"] = pallas_common.struct((4,), x).manual_axis_type
+        seen["shared"] = pallas_common.struct((4,), shared).manual_axis_type
+        return x
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P("context"), P()), out_specs=P("context"))
+    jax.jit(f)(jnp.zeros(4), jnp.zeros(4))
+    assert seen["varying"] is not None and "context" in seen["varying"].varying
+    assert seen["shared"] is not None and not seen["shared"].varying
