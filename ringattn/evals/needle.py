@@ -17,15 +17,16 @@ MAX_DIGITS = 7  # passkey's default key lengths are 5..7 digits
 
 
 def with_rope_scaling(cfg: ModelConfig, scaling, length, train_len) -> ModelConfig:
-    """cfg whose RoPE is stretched from `train_len` to `length` by `scaling` (factor
-    length / train_len, at least 1; "none" leaves RoPE as trained)."""
-    factor = max(length / train_len, 1.0)
-    rope = dataclasses.replace(
-        cfg.rope,
-        scaling=scaling,
-        factor=factor if scaling != "none" else 1.0,
-        original_len=int(train_len),
-    )
+    """cfg whose RoPE reads `length` tokens. "none" leaves RoPE as trained. Another scaling
+    stretches it by length / L from L: the run's RoPE original length when it was trained with a
+    scaling (a context-extended run, which at its training length gets exactly its trained RoPE
+    back), else its training length `train_len`; never below the trained factor."""
+    if scaling == "none":
+        return cfg
+    scaled = cfg.rope.scaling != "none" and cfg.rope.factor > 1
+    base = cfg.rope.original_len if scaled else train_len
+    factor = max(length / base, cfg.rope.factor if scaled else 1.0)
+    rope = dataclasses.replace(cfg.rope, scaling=scaling, factor=factor, original_len=int(base))
     return dataclasses.replace(cfg, rope=rope)
 
 

@@ -3,6 +3,7 @@ the config and a checkpoint): generate, needle, streaming, decode_benchmark, eac
 run in this process; and what their results must satisfy whatever the weights."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -82,10 +83,11 @@ def test_needle_script(passkey_run, tmp_path):
 
 
 def test_streaming_config_parses():
-    for variant in ("", "test"):
+    for variant in ("", "learned_sinks", "test"):
         c = streaming_config.get_config(variant)
         assert c.task == "text" and trainer.model_config(c.model).attention.impl == "dense"
         assert trainer.curriculum(c) == ((0, c.seq_len),)
+        assert c.task_params.bos and c.model.attention.sinks == (variant == "learned_sinks")
     with pytest.raises(ValueError, match="unknown variant"):
         streaming_config.get_config("huge")
 
@@ -95,15 +97,31 @@ def test_rope_scaling_factor():
     scaled = needle.with_rope_scaling(model_cfg, "yarn", 512, 128)
     assert (scaled.rope.scaling, scaled.rope.factor, scaled.rope.original_len) == ("yarn", 4.0, 128)
     assert needle.with_rope_scaling(model_cfg, "none", 512, 128).rope.factor == 1.0
+    # A context-extended run (llama3, factor 4 over 256, trained at 1024): its own RoPE at 1024,
+    # factor 8 over 256 at 2048 (it used to be stretched from 1024, its scaling replaced).
+    rope = dataclasses.replace(model_cfg.rope, scaling="llama3", factor=4.0, original_len=256)
+    extended = dataclasses.replace(model_cfg, rope=rope)
+    assert needle.with_rope_scaling(extended, "llama3", 1024, 1024).rope == rope
+    far = needle.with_rope_scaling(extended, "llama3", 2048, 1024).rope
+    assert (far.scaling, far.factor, far.original_len) == ("llama3", 8.0, 256)
+    assert needle.with_rope_scaling(extended, "none", 2048, 1024).rope == rope
+
+
+@pytest.fixture(scope="module")
+def learned_sinks_run(tmp_path_factory):
+    c = streaming_config.get_config("test")  # 1 layer, BOS documents
+    c.model.attention.sinks = True
+    return untrained_run(c, tmp_path_factory.mktemp("learned_sinks"))
 
 
 @pytest.mark.slow
-def test_streaming_script(passkey_run, tmp_path):
+def test_streaming_script(passkey_run, learned_sinks_run, tmp_path):
     """One layer: the window-only cache is exactly the sliding window recomputed (cached K/V of
-    one layer do not depend on the context); sinks change the result."""
+    one layer do not depend on the context), learned sinks included; sinks change the result."""
     run_script(
         "streaming",
         f"--workdir={passkey_run}",
+        f"--sinks_run={learned_sinks_run}",
         f"--out={tmp_path}",
         "--cache_len=16",
         "--num_sinks=2",
@@ -113,16 +131,29 @@ def test_streaming_script(passkey_run, tmp_path):
     )
     result = json.loads((tmp_path / "streaming.json").read_text())
     methods = result["methods"]
-    sink, window, recompute = (methods[k] for k in methods)
-    assert len(methods) == 3 and len(recompute["perplexity"]) == 63 // 16
-    np.testing.assert_allclose(window["perplexity"], recompute["perplexity"], rtol=1e-4)
-    assert sink["perplexity"][0] == pytest.approx(recompute["perplexity"][0], rel=1e-4)
+    keys = ["dense", "window", "sink_window", "recompute"]
+    keys += ["learned_sinks_window", "learned_sinks_recompute"]
+    assert list(methods) == list(result["summary"]) == keys
+    assert len(methods["recompute"]["perplexity"]) == 63 // 16
+    for window, recompute in [("window", "recompute"), keys[4:]]:
+        np.testing.assert_allclose(
+            methods[window]["perplexity"], methods[recompute]["perplexity"], rtol=1e-4
+        )
+    sink, window = methods["sink_window"], methods["window"]
+    assert sink["perplexity"][0] == pytest.approx(window["perplexity"][0], rel=1e-4)
     assert sink["perplexity_after_cache_full"] != pytest.approx(
         window["perplexity_after_cache_full"], rel=1e-6
     )
-    assert len(result["first_token_attention"]) == 1
-    assert 0 < result["first_token_attention"][0] < 1
-    assert (tmp_path / "streaming.png").stat().st_size > 1000
+    assert set(result["ratios"]) == {
+        "window_over_sink_window", "sink_window_over_recompute", "dense_over_recompute",
+        "learned_sinks_window_over_recompute",
+    }  # fmt: skip
+    model, learned = result["attention"]["model"], result["attention"]["learned_sinks"]
+    assert np.shape(model["first_tokens"]) == (1, 4) and model["sink_logit"] is None
+    assert np.shape(learned["sink_logit"]) == (1, 2)
+    assert 0 < np.sum(learned["first_tokens"]) and 0 < np.min(learned["sink_logit"]) < 1
+    for name in ("streaming.png", "attention_sinks.png"):
+        assert (tmp_path / name).stat().st_size > 1000
 
 
 @pytest.mark.slow
