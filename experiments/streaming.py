@@ -1,22 +1,28 @@
 """Streaming with attention sinks (StreamingLLM): perplexity against position on a stream 8x
-longer than the KV cache, for sink + window, window only, and the sliding window recomputed for
-every token (the exact reference), on a byte-level LM trained on local text.
+longer than the KV cache, for dense attention (no eviction, positions past the training length),
+window only, sink + window, and the sliding window recomputed for every token (the exact
+reference), on a byte-level LM trained on local text; with --sinks_run, also a model trained
+with learned sink logits, window only and recomputed.
 
   python experiments/train.py --workdir=/tmp/stream_lm --config=configs/streaming.py
-  python experiments/streaming.py --workdir=/tmp/stream_lm --out=/tmp/streaming
+  python experiments/train.py --workdir=/tmp/stream_ls --config=configs/streaming.py:learned_sinks
+  python experiments/streaming.py --workdir=/tmp/stream_lm --sinks_run=/tmp/stream_ls \
+      --out=/tmp/streaming
 
-Writes DIR/streaming.json (per-bin perplexities, perplexity once the cache is full, and the
-attention mass each layer puts on the first tokens) and DIR/streaming.png. The streams are the
-"eval" split of the text the model was trained on (files it never saw), concatenated.
+Writes DIR/streaming.json (per-bin perplexities; "summary": perplexity once the cache is full per
+method; "ratios"; per layer and head the attention on the first tokens), DIR/streaming.png and
+DIR/attention_sinks.png. The streams are the "eval" split of the text the model was trained on
+(files it never saw), concatenated, starting with BOS when the run trained with BOS documents.
 """
 
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained text LM run.")
+_SINKS_RUN = flags.DEFINE_string("sinks_run", None, "A run trained with attention.sinks.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The run's config, for runs without <workdir>/config.json.", lock_config=True
 )
@@ -31,13 +37,13 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
+        logging.set_verbosity(logging.WARNING)
     import jax
-    import numpy as np
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
     from ringattn.evals import streaming
     from ringattn.evals.restore import load_run
-    from ringattn.train import data as data_lib
     from ringattn.train.trainer import curriculum
 
     if not (_WORKDIR.value and _OUT.value):
@@ -45,15 +51,7 @@ def main(argv):
     run = load_run(_WORKDIR.value, config=_CONFIG.value, num_devices=1)
     cache_len = _CACHE_LEN.value or curriculum(run.config)[-1][1]
     length = _MULTIPLE.value * cache_len
-    params = dict(run.config.task_params)
-    streams = np.stack(
-        [
-            data_lib.text_stream(
-                params.get("data_dir"), "eval", seed, length=length, glob=params.get("glob", "*.py")
-            )
-            for seed in range(_STREAMS.value)
-        ]
-    )
+    streams = streaming.eval_streams(run.config.task_params, length, _STREAMS.value)
     print(f"checkpoint {run.step}; {_STREAMS.value} streams of {length} tokens, cache {cache_len}")
     result = streaming.evaluate(
         run.model_cfg,
@@ -63,11 +61,21 @@ def main(argv):
         num_sinks=_NUM_SINKS.value,
         bin_size=_BIN.value,
     )
+    if _SINKS_RUN.value:
+        sinks = load_run(_SINKS_RUN.value, num_devices=1)
+        print(f"learned sinks: checkpoint {sinks.step}")
+        sink_streams = streaming.eval_streams(sinks.config.task_params, length, _STREAMS.value)
+        result = streaming.add_model(
+            result, "learned_sinks", sinks.model_cfg, sinks.params, sink_streams
+        )
+    result["ratios"] = streaming.ratios(result["summary"])
+    print("summary:", json.dumps(result["summary"]), "\nratios:", json.dumps(result["ratios"]))
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "streaming.json"), "w") as f:
         json.dump(result, f, indent=1)
     streaming.plot(result, os.path.join(_OUT.value, "streaming.png"))
-    print(f"wrote {_OUT.value}/streaming.json and streaming.png")
+    streaming.plot_attention(result, os.path.join(_OUT.value, "attention_sinks.png"))
+    print(f"wrote {_OUT.value}/streaming.json, streaming.png and attention_sinks.png")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_ME
         sink_logit=None if sink is None else sink.tolist(),
         even_spread=even,
     )
-    per_layer = np.round(first.mean(-1), 3).tolist()
+    per_layer = [round(float(x), 3) for x in first.mean(-1)]
     log(f"{name or 'model'}: attention on the first {num_sinks} tokens, per layer {per_layer}")
     log(f"  (an even spread: {even:.3f})")
     return result
@@ -199,6 +199,7 @@ def _window_forward(model):
     return fwd
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def attention_probs(model, params, tokens_BT):
     """Per layer, the causal attention probabilities [B, H, T, T] of a forward pass at positions
     0..T-1, recomputed from each layer's input (captured) and its query/key weights. With learned
@@ -314,7 +315,7 @@ def plot_attention(result, path=None):
         ax.set_xlabel("head, grouped by layer (0, 1, ...)")
         ax.set_ylabel("share of attention")
         ax.set_yscale("log")
-        ax.set_title(name, fontsize=10)
+        ax.set_title("no learned sink" if name == "model" else name, fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle(
         f"Attention of the queries in the second half of a {result['cache_len']}-token window",
