@@ -11,7 +11,7 @@ Prints the continuation and the prefill time and decode tokens per second (compi
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run: config.json and checkpoints/.")
@@ -36,6 +36,8 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators

@@ -14,7 +14,7 @@ identity).
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained passkey run.")
@@ -39,6 +39,8 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
