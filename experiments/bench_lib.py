@@ -1,4 +1,5 @@
-"""Attention benchmark: implementations, FLOP counting, timing and compiled memory per device.
+"""Attention benchmark: the configuration, FLOP counting and the implementations (bench_run.py
+measures them: timing and compiled memory per device).
 
 FLOP convention (FlashAttention-2 paper): only visible (query, key) pairs count, whatever an
 implementation actually computes. Per visible pair and head: forward 4*D (QK^T and PV), backward
@@ -13,16 +14,10 @@ attention and must stay ~linear in the local shard for ring attention.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import itertools
-import json
 import os
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import bench_report
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +69,7 @@ class BenchConfig:
     markdown: str | None = None
 
     def __post_init__(self):
-        bad = [x for x in self.impls if _base(x) not in IMPLS and not _is_cp(x)]
+        bad = [x for x in self.impls if base_impl(x) not in IMPLS and not _is_cp(x)]
         if bad:
             raise ValueError(
                 f"impls: expected names from {IMPLS} or STRATEGY[/LAYOUT] with a strategy from "
@@ -94,11 +89,11 @@ class BenchConfig:
 
 
 def _is_cp(impl: str) -> bool:
-    strategy, _, layout = _base(impl).partition("/")
+    strategy, _, layout = base_impl(impl).partition("/")
     return strategy in STRATEGIES and (not layout or layout in ringattn.LAYOUTS)
 
 
-def _base(impl: str) -> str:
+def base_impl(impl: str) -> str:
     """The impl without its variants (ring/zigzag+cap -> ring/zigzag)."""
     return impl.split("+")[0]
 
@@ -107,7 +102,7 @@ def _variant_kwargs(impl: str, cfg: BenchConfig) -> dict:
     """The variant keywords of an impl's "+VARIANT" suffixes (blockwise and ours only)."""
     variants = impl.split("+")[1:]
     bad = [x for x in variants if x not in VARIANTS]
-    if bad or (variants and _base(impl) not in ("blockwise",) and not _is_cp(impl)):
+    if bad or (variants and base_impl(impl) not in ("blockwise",) and not _is_cp(impl)):
         raise ValueError(f"impl {impl!r}: variants {VARIANTS} apply to blockwise and ours")
     kw = {}
     if "cap" in variants:
@@ -183,7 +178,7 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
     """Returns f(q, k, v) -> out on global [B, T, H, D] / [B, S, K, D] arrays."""
     mask = _mask_kwargs(cfg)
     variants = _variant_kwargs(impl, cfg)
-    impl = _base(impl)
+    impl = base_impl(impl)
     n = mesh.shape[AXIS]
     local_len = seq_len // n
     if impl in ("dense", "dense_cudnn"):
@@ -274,198 +269,3 @@ def with_mode(attn: Callable, mode: str) -> Callable:
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     return fwdbwd
-
-
-# -------------------------------------------------------------------------------- measuring
-
-
-def input_shapes(cfg: BenchConfig, seq_len: int) -> dict[str, tuple[int, ...]]:
-    b, h, kh, d = cfg.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return {
-        "q": (b, seq_len, h, d),
-        "k": (b, seq_len, kh, d),
-        "v": (b, seq_len, kh, d),
-        "dout": (b, seq_len, h, d),
-    }
-
-
-def make_inputs(cfg: BenchConfig, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
-    keys = jax.random.split(jax.random.key(seed), 4)
-    return {
-        name: jax.random.normal(key, shape, jnp.float32).astype(cfg.dtype)
-        for key, (name, shape) in zip(keys, input_shapes(cfg, seq_len).items(), strict=True)
-    }
-
-
-def compile_once(fn: Callable, args: Sequence) -> tuple[Callable, dict]:
-    """Compiles fn for args; returns the executable and its compile time and memory."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    result = {"compile_s": time.perf_counter() - t0}
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        result.update(
-            temp_bytes=int(mem.temp_size_in_bytes),
-            arg_bytes=int(mem.argument_size_in_bytes),
-            out_bytes=int(mem.output_size_in_bytes),
-        )
-    return compiled, result
-
-
-def time_interleaved(calls: Sequence[Callable], cfg: BenchConfig) -> list[float]:
-    """Median seconds per call. Calls take turns, round after round, so that load from other
-    processes on a shared machine falls on all of them alike and their ratios stay meaningful."""
-    for call in calls:
-        for _ in range(cfg.warmup):
-            jax.block_until_ready(call())
-    times = [[] for _ in calls]
-    for _ in range(cfg.iters):
-        for call, ts in zip(calls, times, strict=True):
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
-
-
-def compile_and_time(fn: Callable, args: Sequence, cfg: BenchConfig) -> dict:
-    compiled, result = compile_once(fn, args)
-    if not cfg.dry_run:
-        (result["time_s"],) = time_interleaved([lambda: compiled(*args)], cfg)
-    return result
-
-
-def matmul_gflops(cfg: BenchConfig, device: jax.Device) -> dict:
-    """A float32 N x N matmul on one device: the ceiling attention throughput is read against."""
-    n = cfg.matmul_size
-    a, b = (
-        jax.device_put(jax.random.normal(jax.random.key(i), (n, n), jnp.float32), device)
-        for i in range(2)
-    )
-    result = compile_and_time(jnp.matmul, (a, b), cfg)
-    result["gflops_per_s"] = 2 * n**3 / result["time_s"] / 1e9
-    return result
-
-
-def run(cfg: BenchConfig) -> list[dict]:
-    """Benchmarks every device count x T x impl x mode: prints a table and ratios, writes JSON
-    lines, a markdown table and plots if asked; returns the rows."""
-    available = jax.devices()
-    counts = [c for c in cfg.device_counts if c <= len(available)]
-    if len(counts) < len(cfg.device_counts):
-        print(f"note: only {len(available)} {available[0].platform} device(s); using {counts}")
-    counts = counts or [len(available)]
-    print(bench_report.header(cfg, available[: max(counts)]))
-    matmul = None
-    if cfg.matmul_size and not cfg.dry_run:
-        matmul = matmul_gflops(cfg, available[0])
-        print(
-            f"matmul f32 {cfg.matmul_size}^3 on 1 device: {matmul['time_s'] * 1e3:.1f} ms, "
-            f"{matmul['gflops_per_s']:.1f} GFLOP/s"
-        )
-    rows = []
-    for n in counts:
-        print("\n" + bench_report.column_titles())
-        # Single-device impls do not depend on n: they run with the first device count only.
-        impls = [i for i in cfg.impls if n == counts[0] or _base(i) not in SINGLE_DEVICE_IMPLS]
-        for seq_len in cfg.seq_lens:
-            new = _run_one(cfg, impls, available[:n], seq_len)
-            for row in new:
-                _derive(row, cfg, matmul)
-                print(bench_report.format_row(row), flush=True)
-            rows += new
-            print()
-    print(bench_report.ratios(rows))
-    if cfg.out:
-        with open(cfg.out, "a") as f:
-            if matmul is not None:
-                f.write(json.dumps({"kind": "matmul", "size": cfg.matmul_size, **matmul}) + "\n")
-            for row in rows:
-                f.write(json.dumps({"kind": "attention", **row}) + "\n")
-    if cfg.markdown:
-        with open(cfg.markdown, "w") as f:
-            f.write(bench_report.markdown(rows, cfg))
-    if cfg.plot_dir:
-        for path in bench_report.plots(rows, cfg.plot_dir):
-            print(f"wrote {path}")
-    return rows
-
-
-def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
-    """Every impl x mode at one length on `devices`: compiled first, then timed together."""
-    n = len(devices)
-    mesh = jax.make_mesh((n,), (AXIS,), devices=devices)
-    if cfg.dry_run:
-        inputs = {
-            name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype))
-            for name, shape in input_shapes(cfg, seq_len).items()
-        }
-    else:
-        inputs = make_inputs(cfg, seq_len)
-    rows, pending = [], []  # pending: (row, executable, args)
-    for impl, mask in itertools.product(impls, cfg.masks or (cfg.mask,)):
-        cfg = dataclasses.replace(cfg, mask=mask)
-        single = _base(impl) in SINGLE_DEVICE_IMPLS
-        if single:
-            sharding = jax.sharding.SingleDeviceSharding(devices[0])
-        else:
-            try:
-                sharding = jax.NamedSharding(*context_mesh(impl, cfg, mesh)[::2])
-            except Unsupported:
-                sharding = jax.NamedSharding(mesh, jax.P(None, AXIS))  # reported below
-        placed = {name: _place(x, sharding) for name, x in inputs.items()}
-        for mode in cfg.modes:
-            row = _row(cfg, impl, mode, seq_len, 1 if single else n)
-            try:
-                fn = with_mode(make_attention(impl, cfg, mesh, seq_len), mode)
-                names = ("q", "k", "v") if mode == "fwd" else ("q", "k", "v", "dout")
-                args = [placed[x] for x in names]
-                compiled, info = compile_once(fn, args)
-                row.update(info)
-                if not cfg.dry_run:
-                    pending.append((row, compiled, args))
-            except Unsupported as e:
-                row["skipped"] = str(e)
-            except Exception as e:  # noqa: BLE001 - report and go on with the others.
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            rows.append(row)
-    if pending:
-        calls = [functools.partial(c, *a) for _, c, a in pending]
-        for (row, _, _), t in zip(pending, time_interleaved(calls, cfg), strict=True):
-            row["time_s"] = t
-    return rows
-
-
-def _place(x, sharding):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.device_put(x, sharding)
-
-
-def _row(cfg: BenchConfig, impl: str, mode: str, seq_len: int, devices: int) -> dict:
-    config = dataclasses.asdict(cfg)
-    # Fields that describe the sweep rather than this measurement stay out of the row.
-    sweep = "seq_lens impls modes masks device_counts warmup iters original_max_seq_len"
-    for key in (*sweep.split(), "out", "plot_dir", "markdown"):
-        config.pop(key)
-    itemsize = jnp.dtype(cfg.dtype).itemsize
-    q_shard = cfg.batch * (seq_len // devices) * cfg.num_heads * cfg.head_dim * itemsize
-    return {
-        "impl": impl,
-        "mode": mode,
-        "seq_len": seq_len,
-        "devices": devices,
-        "q_shard_bytes": q_shard,
-        "flops": attention_flops(cfg, seq_len, mode),
-        "jax_version": jax.__version__,
-        "platform": jax.devices()[0].platform,
-        **config,
-    }
-
-
-def _derive(row: dict, cfg: BenchConfig, matmul: dict | None) -> None:
-    if "time_s" in row:
-        row["gflops_per_s"] = row["flops"] / row["time_s"] / 1e9
-        if matmul is not None:
-            row["frac_of_matmul"] = row["gflops_per_s"] / matmul["gflops_per_s"]
-    if "temp_bytes" in row:
-        row["temp_over_q_shard"] = row["temp_bytes"] / row["q_shard_bytes"]

@@ -23,6 +23,7 @@ The attention variants' cost (soft cap and sinks over the plain ring, one run, s
 from absl import app, flags, logging
 
 import bench_lib
+import bench_run
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096"], "Sequence lengths T (= S).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size B.")
@@ -101,7 +102,7 @@ def main(argv):
         original_max_seq_len=_ORIGINAL_MAX_SEQ_LEN.value,
         out=_OUT.value,
     )
-    rows = bench_lib.run(config)
+    rows = bench_run.run(config)
     if any("error" in row for row in rows):
         raise SystemExit(1)
 
