@@ -15,7 +15,7 @@ teacher-forced decode logits against a float32 cache.
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,11 +39,9 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
-        logging.set_verbosity(logging.WARNING)
-    import jax
+    from ringattn.mesh import start_entrypoint
 
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import bench
 
     model_cfg, params = bench.model_and_params(_WORKDIR.value, _CONFIG.value)

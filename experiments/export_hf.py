@@ -10,7 +10,7 @@ with --config.init_from). Our own tied models are written untied (HF's tied logi
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory (trained or imported).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face checkpoint directory to write.")
@@ -21,11 +21,9 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
-        logging.set_verbosity(logging.WARNING)
-    import jax
+    from ringattn.mesh import start_entrypoint
 
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.hf.convert import export_checkpoint
 
     if not (_WORKDIR.value and _OUT.value):

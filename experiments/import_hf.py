@@ -13,7 +13,7 @@ tensor by tensor into shards over all devices (no device and no host holds the w
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory.")
@@ -30,11 +30,9 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
-        logging.set_verbosity(logging.WARNING)
-    import jax
+    from ringattn.mesh import start_entrypoint
 
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.hf.convert import import_checkpoint
 
     if not (_HF_DIR.value and _WORKDIR.value):

@@ -18,7 +18,7 @@ DIR/attention_sinks.png. The streams are the "eval" split of the text the model 
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained text LM run.")
@@ -37,11 +37,9 @@ _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with -v 0
-        logging.set_verbosity(logging.WARNING)
-    import jax
+    from ringattn.mesh import start_entrypoint
 
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import streaming
     from ringattn.evals.restore import load_run
     from ringattn.train.trainer import curriculum

@@ -17,7 +17,7 @@ import json
 import math
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,18 +42,16 @@ _CPU_DEVICES = flags.DEFINE_integer(
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        # absl sets an unset --verbosity to 0 (INFO) once flags are parsed: keep warnings only.
-        logging.set_verbosity(logging.WARNING)
-    import jax  # after flag parsing: the device count must be set before JAX's backend starts
+    import jax
+
+    from ringattn.mesh import start_entrypoint
 
     config = _CONFIG.value
-    if _DRY_RUN.value:
-        devices = math.prod(max(s, 1) for s in config.mesh.values())
+    if _DRY_RUN.value:  # the whole mesh, simulated
         jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", devices)
+        start_entrypoint(math.prod(max(s, 1) for s in config.mesh.values()))
     else:
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # ignored on accelerators
+        start_entrypoint(_CPU_DEVICES.value)
     distributed = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if any(x is not None for x in distributed):
         from ringattn.mesh import initialize_distributed

@@ -12,6 +12,7 @@ import math
 
 import jax
 import numpy as np
+from absl import flags, logging
 from jax.sharding import AxisType
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
@@ -81,6 +82,16 @@ def mesh_axes_for(rules, logical: str):
                 return ()
             return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
     return ()
+
+
+def start_entrypoint(num_cpu_devices):
+    """What every absl entrypoint does first, once its flags are parsed: warnings, not library
+    INFO logs (Orbax's), unless `-v` / `--verbosity` asks for them (absl sets an unset verbosity
+    to INFO); and `num_cpu_devices` simulated CPU devices (ignored on accelerators), which must be
+    set before JAX's backend starts."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    jax.config.update("jax_num_cpu_devices", num_cpu_devices)
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
