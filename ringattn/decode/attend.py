@@ -9,6 +9,8 @@ added once, after the merge.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -18,9 +20,20 @@ from ringattn.attention.blockwise import add_sinks
 from ringattn.decode import cache as cache_lib
 
 
+class Rule(NamedTuple):
+    """A decode call's checked options: scale (a float), causal, rope (a callable or None), the
+    soft cap and the local window (None: none)."""
+
+    scale: float
+    causal: bool
+    rope: object
+    cap: float | None
+    window: int | None
+
+
 def check_attend(fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks):
-    """q [B, t, H, D] floating with H a multiple of the cache's K, q_pos [B, t] integer; returns
-    (scale, soft cap, sinks) normalised."""
+    """q [B, t, H, D] floating with H a multiple of the cache's K, q_pos [B, t] integer, and the
+    options; returns (Rule, sinks) normalised."""
     b, _, kh, d = cache.k.shape
     shape = tuple(np.shape(q))
     if len(shape) != 4 or shape[0] != b or shape[3] != d:
@@ -49,41 +62,38 @@ def check_attend(fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, loca
             f"back are visible), got {local_window!r}."
         )
     scale = 1.0 / float(np.sqrt(d)) if scale is None else float(scale)
-    return (
-        scale,
-        inputs.check_soft_cap(fn, logits_soft_cap),
-        inputs.check_sinks(fn, sinks, shape[2]),
+    cap = inputs.check_soft_cap(fn, logits_soft_cap)
+    return Rule(scale, bool(causal), rope, cap, local_window), inputs.check_sinks(
+        fn, sinks, shape[2]
     )
 
 
-def partial_attention(
-    q, q_pos, cache, *, scale, causal, rope, kv_rope_pos, q_rope_pos, cap, window
-):
+def partial_attention(q, q_pos, cache, rule: Rule, kv_rope_pos=None, q_rope_pos=None):
     """(out [B, t, H, Dv], lse [B, H, t]) over this cache (or shard), both in float32 (float64
-    for float64 inputs); rows that see nothing give 0 and lse = LSE_NONE. `scale` is a float,
-    `cap` the soft cap or None, `window` the keys' largest distance back or None."""
+    for float64 inputs); rows that see nothing give 0 and lse = LSE_NONE. With `rule.rope`, keys
+    and queries rotate at kv_rope_pos / q_rope_pos."""
     b, t, h, d = q.shape
     kh = cache.k.shape[2]
     acc = jnp.promote_types(q.dtype, jnp.float32)
     if not cache.quantized:
         acc = jnp.promote_types(acc, cache.k.dtype)
     q, k, v = q.astype(acc), cache.k.astype(acc), cache.v.astype(acc)
-    if rope is not None:
+    if rule.rope is not None:
         # RoPE is linear in x, so int8 keys rotate before their scale is applied.
-        q, k = rope(q, q_rope_pos).astype(acc), rope(k, kv_rope_pos).astype(acc)
+        q, k = rule.rope(q, q_rope_pos).astype(acc), rule.rope(k, kv_rope_pos).astype(acc)
     q_BtKGD = q.reshape(b, t, kh, h // kh, d)
-    s_BKGtS = jnp.einsum("btkgd,bskd->bkgts", q_BtKGD, k) * scale
+    s_BKGtS = jnp.einsum("btkgd,bskd->bkgts", q_BtKGD, k) * rule.scale
     if cache.quantized:
         s_BKGtS = s_BKGtS * jnp.moveaxis(cache.k_scale, 1, 2)[:, :, None, None].astype(acc)
-    if cap is not None:
-        s_BKGtS = cap * jnp.tanh(s_BKGtS / cap)
+    if rule.cap is not None:
+        s_BKGtS = rule.cap * jnp.tanh(s_BKGtS / rule.cap)
     q_pos = jnp.asarray(q_pos, jnp.int32)[:, :, None]
     kv_pos = cache.pos[:, None, :]
     visible_BtS = (kv_pos >= 0) & (q_pos >= 0)
-    if causal:
+    if rule.causal:
         visible_BtS &= kv_pos <= q_pos
-    if window is not None:
-        visible_BtS &= q_pos - kv_pos <= window
+    if rule.window is not None:
+        visible_BtS &= q_pos - kv_pos <= rule.window
     p_BKGtS, lse_BKGt = masks.masked_softmax(s_BKGtS, visible_BtS[:, None, None])
     if cache.quantized:  # sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j: no dequantised V
         p_BKGtS = p_BKGtS * jnp.moveaxis(cache.v_scale, 1, 2)[:, :, None, None].astype(acc)
@@ -136,20 +146,9 @@ def attend(
     GQA: query heads are grouped [B, t, K, H/K, D]; KV heads are never repeated.
     """
     fn = "attend"
-    scale, cap, sinks = check_attend(
+    rule, sinks = check_attend(
         fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
     )
     kv_rope, q_rope = cache_lib.cache_positions(cache, q_pos) if rope is not None else (None, None)
-    out, lse = partial_attention(
-        q,
-        q_pos,
-        cache,
-        scale=scale,
-        causal=causal,
-        rope=rope,
-        kv_rope_pos=kv_rope,
-        q_rope_pos=q_rope,
-        cap=cap,
-        window=local_window,
-    )
+    out, lse = partial_attention(q, q_pos, cache, rule, kv_rope, q_rope)
     return finish(q, out, lse, sinks, return_lse)

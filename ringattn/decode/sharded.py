@@ -73,25 +73,14 @@ def sharded_attend(
     """`attend` inside shard_map: q/q_pos (and sinks) replicated, `cache` this device's shard;
     the result (replicated) is the same as attending to the whole cache."""
     fn = "sharded_attend"
-    scale, cap, sinks = attend_lib.check_attend(
+    rule, sinks = attend_lib.check_attend(
         fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
     )
     _check_shard(fn, cache, axis_name)
     kv_rope, q_rope = (None, None)
     if rope is not None:
         kv_rope, q_rope = sharded_cache_positions(cache, q_pos, axis_name=axis_name)
-    out, lse = attend_lib.partial_attention(
-        q,
-        q_pos,
-        cache,
-        scale=scale,
-        causal=causal,
-        rope=rope,
-        kv_rope_pos=kv_rope,
-        q_rope_pos=q_rope,
-        cap=cap,
-        window=local_window,
-    )
+    out, lse = attend_lib.partial_attention(q, q_pos, cache, rule, kv_rope, q_rope)
     out, lse = attend_lib.merge_partials(out, lse, axis_name)
     return attend_lib.finish(q, out, lse, sinks, return_lse)
 
