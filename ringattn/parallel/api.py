@@ -37,10 +37,6 @@ def _place(x, mesh, spec):
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _explicitly_sharded(x):
-    return any(entry is not None for entry in getattr(jax.typeof(x).sharding, "spec", ()))
-
-
 def _run_mesh(mesh, *arrays):
     """The mesh the computation runs on: `mesh`, or its devices with Auto axes when its axes
     are Explicit but the caller is not sharding explicitly (no `jax.set_mesh` context and no
@@ -49,7 +45,7 @@ def _run_mesh(mesh, *arrays):
     eager grad cannot differentiate an Explicit-typed result outside `jax.set_mesh`)."""
     if AxisType.Explicit not in mesh.axis_types:
         return mesh
-    if not jax.sharding.get_abstract_mesh().empty or any(map(_explicitly_sharded, arrays)):
+    if not jax.sharding.get_abstract_mesh().empty or any(map(layouts.explicitly_sharded, arrays)):
         return mesh
     auto = (AxisType.Auto,) * len(mesh.axis_names)
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
@@ -169,19 +165,17 @@ def context_parallel_attention(
         raise ValueError(f"{fn}: `strategy` must be one of {STRATEGIES}, got {strategy!r}.")
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    # Positions the caller did not give are derived by each device from the layout (and the
+    # ring then knows statically which of its steps the mask needs).
+    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
     names = _axis_names(fn, mesh, axis_name)
     batch_axes = _other_axes(fn, mesh, "batch_axis", batch_axis, names, q.shape[0], "batch")
     head_axes = _other_axes(fn, mesh, "head_axis", head_axis, names, k.shape[2], "KV heads")
     if strategy != "auto":
         _check_axis_form(fn, strategy, axis_name)
     n = math.prod(mesh.shape[a] for a in names)
-    inputs.check_qkv(fn, q, k, v)
-    t, s = q.shape[1], k.shape[1]
-    layouts.check_layout(fn, layout, t, n, "query length")
-    layouts.check_layout(fn, layout, s, n, "key length")
-    # Positions the caller did not give are derived by each device from the layout (and the
-    # ring then knows statically which of its steps the mask needs).
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
+    layouts.check_layout(fn, layout, q.shape[1], n, "query length")
+    layouts.check_layout(fn, layout, k.shape[1], n, "key length")
     allgather.check_head_chunks(fn, head_chunks, k.shape[2])
     if head_chunks != 1 and strategy not in ("allgather", "auto"):
         raise ValueError(
