@@ -100,8 +100,8 @@ def test_llama3_rule():
     base = base_freqs(500_000.0, d)
     kept = scaled = mixed = 0
     for i, w in enumerate(2 * math.pi / base):
-        if w < 8192 / 4:
-            assert got[i] == base[i]
+        if w < 8192 / 4:  # unchanged, to the rounding of pow (numpy's may differ by an ulp)
+            assert got[i] == pytest.approx(base[i], rel=1e-15)
             kept += 1
         elif w > 8192 / 1:
             assert got[i] == pytest.approx(base[i] / 8, rel=1e-12)
