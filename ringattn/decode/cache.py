@@ -14,9 +14,16 @@ so the sinks stay forever and the window is a ring buffer whose writes evict the
 positions older. Positions of one row must be distinct within an update and increase from one
 update to the next (a stream); a full cache drops tokens at positions >= max_len.
 
-Because slot = pos for the full cache, a cache whose sequence axis is split into n contiguous
-shards holds positions [r S/n, (r+1) S/n) on shard r: a prompt's prefill fills shards in order,
-like the contiguous layout of context-parallel attention (sharded.py).
+A full cache split over n devices (sharded.py) places positions by its `layout`:
+
+    "contiguous":   slot = pos: shard r holds positions [r S/n, (r+1) S/n), so a prompt fills
+                    the shards in order (device 0 first);
+    "striped":      shard pos mod n, local slot pos // n (round-robin, `num_shards` = n): every
+                    prefix of the stream is spread evenly, so each chunk appended later
+                    (chunked.py) finds the cached work balanced over the devices, and the
+                    filled slots of every shard are a prefix of it.
+
+Attention reads positions, never slots, so the layout changes where tokens live, not results.
 
 Positions for RoPE (StreamingLLM, Xiao et al. 2023, Sec. 3.2): a window cache rotates keys by
 their place in the cache, not in the text. Store keys *un-rotated* and let `attend(..., rope=...)`
@@ -36,18 +43,20 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("full", "sink_window", "window")
+LAYOUTS = ("contiguous", "striped")
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["k", "v", "k_scale", "v_scale", "pos"],
-    meta_fields=["kind", "num_slots", "num_sinks", "window"],
+    meta_fields=["kind", "num_slots", "num_sinks", "window", "layout", "num_shards"],
 )
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """k, v [B, S, K, D] (int8 when quantised), k_scale/v_scale [B, S, K] float32 or None,
     pos [B, S] int32 (-1: empty slot). Inside shard_map the arrays are a device's shard of the
-    sequence axis; `num_slots` is always the global S."""
+    sequence axis; `num_slots` is always the global S. `layout` / `num_shards`: where a full
+    cache places positions (module docstring)."""
 
     k: jax.Array
     v: jax.Array
@@ -58,6 +67,8 @@ class KVCache:
     num_slots: int
     num_sinks: int
     window: int | None
+    layout: str = "contiguous"
+    num_shards: int = 1
 
     @property
     def quantized(self) -> bool:
@@ -85,15 +96,24 @@ def init_cache(
     window=None,
     quantize=False,
     v_head_dim=None,
+    layout="contiguous",
+    num_shards=1,
 ):
     """An empty cache. "full": `max_len` slots (window must be None). "sink_window":
     `num_sinks` + `window` slots for an unbounded stream (max_len must be None). "window":
     `window` slots (num_sinks must be 0, max_len None). `dtype` is the floating dtype of stored
     K/V, or of the values they stand for when `quantize` (then stored int8 + float32 scales).
-    `v_head_dim`: V's head dim when it is not K's (MLA-style models)."""
+    `v_head_dim`: V's head dim when it is not K's (MLA-style models). `layout` "striped" spreads
+    a full cache's positions round-robin over the `num_shards` devices it will be sharded over
+    (module docstring); window kinds are contiguous ring buffers."""
     fn = "init_cache"
     if kind not in KINDS:
         raise ValueError(f"{fn}: `kind` must be one of {KINDS}, got {kind!r}.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{fn}: `layout` must be one of {LAYOUTS}, got {layout!r}.")
+    _check_positive(fn, "num_shards", num_shards)
+    if layout == "striped" and kind != "full":
+        raise ValueError(f"{fn}: only a 'full' cache can be 'striped', got kind={kind!r}.")
     for name, x in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         _check_positive(fn, name, x)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -110,6 +130,11 @@ def init_cache(
                 f"num_sinks={num_sinks!r}."
             )
         size = int(max_len)
+        if layout == "striped" and size % num_shards:
+            raise ValueError(
+                f"{fn}: a 'striped' cache needs `max_len` ({size}) to be a multiple of "
+                f"`num_shards` ({num_shards})."
+            )
     else:
         _check_positive(fn, "window", window)
         if max_len is not None:
@@ -135,6 +160,8 @@ def init_cache(
         num_slots=size,
         num_sinks=int(num_sinks),
         window=window,
+        layout=layout,
+        num_shards=int(num_shards),
     )
 
 
@@ -197,7 +224,11 @@ def slots(cache: KVCache, pos_new):
     the end of a full cache, or evicted by a later token of the same update (window kinds)."""
     pos = jnp.asarray(pos_new, jnp.int32)
     if cache.kind == "full":
-        return jnp.where((pos >= 0) & (pos < cache.num_slots), pos, -1)
+        slot = pos
+        if cache.layout == "striped":
+            n = cache.num_shards
+            slot = pos % n * (cache.num_slots // n) + pos // n
+        return jnp.where((pos >= 0) & (pos < cache.num_slots), slot, -1)
     ns, w = cache.num_sinks, cache.window
     newest = jnp.max(pos, axis=1, keepdims=True)
     keep = (pos >= 0) & ((pos < ns) | (newest - pos < w))

@@ -1,7 +1,8 @@
 """A KV cache sharded along its sequence axis over a mesh axis: decoding never moves it.
 
-Shard r of n holds the global slots [r S/n, (r+1) S/n) (S % n == 0); for the full cache slot =
-position, so a prefill fills the shards in order (contiguous). Each step, inside shard_map:
+Shard r of n holds the global slots [r S/n, (r+1) S/n) (S % n == 0): for a contiguous full cache
+the positions [r S/n, (r+1) S/n), for a striped one the positions p with p mod n == r
+(cache.py). Each step, inside shard_map:
   * update: every device sees the (replicated) new K/V and writes only the tokens whose slot it
     owns (a masked scatter, cache.write);
   * attend: every device attends the (replicated) queries to its own slots, giving (out_r,
@@ -28,7 +29,7 @@ from ringattn.decode import attend as attend_lib
 from ringattn.decode import cache as cache_lib
 
 
-def _check_shard(fn, cache, axis_name):
+def check_shard(fn, cache, axis_name):
     """(index, count) of this device's shard, checking that the shards tile the cache."""
     n = lax.axis_size(axis_name)
     s_loc = cache.pos.shape[1]
@@ -38,6 +39,11 @@ def _check_shard(fn, cache, axis_name):
             f"slots over {n} devices of axis `axis_name` {axis_name!r} is "
             f"{cache.num_slots / n:g} each, got {s_loc}."
         )
+    if cache.layout == "striped" and cache.num_shards != n:
+        raise ValueError(
+            f"{fn}: a 'striped' cache made for {cache.num_shards} shards is sharded over the {n} "
+            f"devices of axis `axis_name` {axis_name!r}; build it with num_shards={n}."
+        )
     return lax.axis_index(axis_name), n
 
 
@@ -45,13 +51,13 @@ def sharded_update(cache, k_new, v_new, pos_new, *, axis_name):
     """`update` on this device's shard (inside shard_map); k_new/v_new/pos_new replicated."""
     fn = "sharded_update"
     cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
-    index, _ = _check_shard(fn, cache, axis_name)
+    index, _ = check_shard(fn, cache, axis_name)
     return cache_lib.write(cache, k_new, v_new, pos_new, shard=index)
 
 
 def sharded_cache_positions(cache, q_pos=None, *, axis_name):
     """`cache_positions` of this device's slots (the newest position is a pmax over shards)."""
-    _check_shard("sharded_cache_positions", cache, axis_name)
+    check_shard("sharded_cache_positions", cache, axis_name)
     length = lax.pmax(jnp.max(cache.pos, axis=1) + 1, axis_name)
     return cache_lib.positions_from_length(cache, q_pos, length)
 
@@ -76,7 +82,7 @@ def sharded_attend(
     rule, sinks = attend_lib.check_attend(
         fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
     )
-    _check_shard(fn, cache, axis_name)
+    check_shard(fn, cache, axis_name)
     kv_rope, q_rope = (None, None)
     if rope is not None:
         kv_rope, q_rope = sharded_cache_positions(cache, q_pos, axis_name=axis_name)
@@ -85,7 +91,7 @@ def sharded_attend(
     return attend_lib.finish(q, out, lse, sinks, return_lse)
 
 
-def _check_mesh(fn, cache, mesh, axis_name, batch_axis):
+def check_mesh(fn, cache, mesh, axis_name, batch_axis):
     if not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     if axis_name not in mesh.axis_names:
@@ -111,7 +117,7 @@ def _check_mesh(fn, cache, mesh, axis_name, batch_axis):
         )
 
 
-def _place(x, mesh, spec):
+def place(x, mesh, spec):
     """`x` sharded as `spec`: reshard on Explicit mesh axes, a constraint on Auto ones."""
     sharding = NamedSharding(mesh, spec)
     if any(t == AxisType.Explicit for t in mesh.axis_types):
@@ -123,14 +129,14 @@ def cache_sharding(cache, mesh, axis_name="context", batch_axis=None):
     """NamedShardings of the cache's arrays (a pytree like it; `cache` may hold
     jax.ShapeDtypeStruct), for jit's in/out_shardings, e.g. to create the cache sharded:
     jax.jit(init, out_shardings=cache_sharding(jax.eval_shape(init), mesh))()."""
-    _check_mesh("cache_sharding", cache, mesh, axis_name, batch_axis)
+    check_mesh("cache_sharding", cache, mesh, axis_name, batch_axis)
     return jax.tree.map(lambda _: NamedSharding(mesh, P(batch_axis, axis_name)), cache)
 
 
 def shard_cache(cache, mesh, axis_name="context", batch_axis=None):
     """The cache with its sequence axis sharded over `axis_name` (P(batch_axis, axis_name))."""
-    _check_mesh("shard_cache", cache, mesh, axis_name, batch_axis)
-    return jax.tree.map(lambda x: _place(x, mesh, P(batch_axis, axis_name)), cache)
+    check_mesh("shard_cache", cache, mesh, axis_name, batch_axis)
+    return jax.tree.map(lambda x: place(x, mesh, P(batch_axis, axis_name)), cache)
 
 
 def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", batch_axis=None):
@@ -138,10 +144,10 @@ def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", b
     k_new/v_new/pos_new are replicated over `axis_name` first (for a long prompt that is one
     gather of it)."""
     fn = "update_on_mesh"
-    _check_mesh(fn, cache, mesh, axis_name, batch_axis)
+    check_mesh(fn, cache, mesh, axis_name, batch_axis)
     cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
     seq, rows = P(batch_axis, axis_name), P(batch_axis)
-    new = [_place(jnp.asarray(x), mesh, rows) for x in (k_new, v_new, pos_new)]
+    new = [place(jnp.asarray(x), mesh, rows) for x in (k_new, v_new, pos_new)]
 
     def local(cache, k_new, v_new, pos_new):
         return sharded_update(cache, k_new, v_new, pos_new, axis_name=axis_name)
@@ -170,7 +176,7 @@ def attend_on_mesh(
     """`attend` to a global cache sharded over `axis_name`; q, q_pos and the result are
     replicated over it (sharded P(batch_axis) on the batch)."""
     fn = "attend_on_mesh"
-    _check_mesh(fn, cache, mesh, axis_name, batch_axis)
+    check_mesh(fn, cache, mesh, axis_name, batch_axis)
     attend_lib.check_attend(
         fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
     )
@@ -185,7 +191,7 @@ def attend_on_mesh(
         )
 
     rows = P(batch_axis)
-    new = [_place(jnp.asarray(x), mesh, rows) for x in (q, q_pos)]
+    new = [place(jnp.asarray(x), mesh, rows) for x in (q, q_pos)]
     out, lse = jax.shard_map(
         local,
         mesh=mesh,

@@ -15,6 +15,10 @@ For one attention call, forward and (by default) backward, per device:
   memory    peak extra bytes beyond the local inputs and outputs (buffers, f32 accumulators).
 The constants are order-of-magnitude defaults (`Hardware`); pass measured ones to compare
 strategies on a given machine. Segment ids are unknown here: the mask is the worst case over them.
+
+With `cached_len`, the estimates are those of chunked prefill instead (prefill_costs.py): a chunk
+of q_len new tokens against a cache already holding cached_len, strategies pass_kv, pass_q and
+decode, forward only.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ringattn.attention.masks import SKIP
-from ringattn.parallel import layouts, ring, schedule
+from ringattn.parallel import layouts, prefill_costs, ring, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +111,19 @@ def estimate_costs(
     block_k=512,
     backward=True,
     hardware: Hardware | None = None,
+    cached_len=None,
+    cache_layout="striped",
+    cache_slots=None,
 ) -> dict[str, Estimate]:
     """Estimates for "ring", "allgather", "ulysses" over the axis (or axes) `axis_name`, and
     "hybrid" when `axis_name` is a pair (ulysses_axis, ring_axis), sharded ring-major like
-    `context_parallel_attention`. Strategies it cannot run are marked infeasible."""
+    `context_parallel_attention`. Strategies it cannot run are marked infeasible.
+
+    With `cached_len` (an int >= 0), those of chunked prefill (ringattn.decode.chunked): "pass_kv",
+    "pass_q" and "decode" for a chunk of q_len tokens in `layout` order after cached_len cached
+    ones, the cache laid out as `cache_layout` ("striped" or "contiguous") over `cache_slots`
+    slots (default: cached_len + q_len, rounded up to the devices); forward only, kv_len and
+    `backward` unused."""
     fn = "estimate_costs"
     hw = hardware or Hardware()
     ints = dict(batch=batch, q_len=q_len, kv_len=kv_len, num_heads=num_heads, head_dim=head_dim)
@@ -129,6 +142,11 @@ def estimate_costs(
     pair_flops = 4 * d + (10 * d if backward else 0)
     lq, lk = q_len // n, kv_len // n
     bw, lat = hw.link_bytes_per_s, hw.step_latency_s
+    if cached_len is not None:
+        return _prefill(
+            fn, b, q_len, h, kh, d, np.dtype(dtype).itemsize, names, n, spec, layout,
+            (block_q, block_k), hw, cached_len, cache_layout, cache_slots,
+        )  # fmt: skip
     out = {}
     try:
         layouts.check_layout(fn, layout, q_len, n, "`q_len`")
@@ -219,6 +237,41 @@ def estimate_costs(
     return out
 
 
+def _prefill(fn, b, q_len, h, kh, d, e, names, n, spec, layout, blocks, hw, cached, cl, slots):
+    """estimate_costs of chunked prefill (prefill_costs.py) as Estimates."""
+    schedule.check_int(fn, "cached_len", cached, minimum=0)
+    if cl not in ("contiguous", "striped"):
+        raise ValueError(f"{fn}: `cache_layout` must be 'contiguous' or 'striped', got {cl!r}.")
+    slots = -(-(cached + q_len) // n) * n if slots is None else slots
+    schedule.check_int(fn, "cache_slots", slots)
+    if slots % n or slots < cached:
+        raise ValueError(
+            f"{fn}: `cache_slots` must be a multiple of the {n} devices holding the "
+            f"`cached_len` ({cached}) tokens, got {slots}."
+        )
+    nan = float("nan")
+    if len(names) != 1:
+        reason = f"chunked prefill runs over one mesh axis, got {names}"
+        return {
+            k: Estimate(k, False, reason, nan, nan, 0, nan, nan, float("inf"), nan, reason)
+            for k in prefill_costs.STRATEGIES
+        }
+    parts = prefill_costs.estimate(
+        b=b, q_len=q_len, cached_len=cached, h=h, kh=kh, d=d, e=e, n=n, spec=spec, layout=layout,
+        cache_layout=cl, cache_slots=slots, bq=blocks[0], bk=blocks[1], hw=hw,
+    )  # fmt: skip
+    out = {}
+    for name, part in parts.items():
+        if isinstance(part, str):
+            out[name] = Estimate(name, False, part, nan, nan, 0, nan, nan, float("inf"), nan, part)
+            continue
+        flops, moved, steps, exposed, mem, bal, why = part
+        t = flops / hw.flops_per_s + exposed
+        why = f"{name}: {why}; {exposed / t if t else 0:.0%} of {t:.3g} s is exposed communication"
+        out[name] = Estimate(name, True, "", flops, moved, steps, exposed, mem, t, bal, why)
+    return out
+
+
 def choose_strategy(
     *,
     batch,
@@ -233,9 +286,15 @@ def choose_strategy(
     causal,
     local_window_size,
     layout,
+    cached_len=None,
+    cache_layout="striped",
+    cache_slots=None,
+    hardware=None,
 ) -> str:
     """The feasible strategy with the lowest estimated time (`estimate_costs`, default
-    hardware constants): one of ring/allgather/ulysses for one axis, "hybrid" for a pair."""
+    hardware constants unless `hardware` is given): one of ring/allgather/ulysses for one axis,
+    "hybrid" for a pair; with `cached_len`, one of pass_kv/pass_q/decode (chunked prefill).
+    `estimate_costs(...)[strategy].why` says why."""
     est = estimate_costs(**locals())  # exactly this function's keyword arguments
     ok = [e for e in est.values() if e.feasible]
     if not ok:

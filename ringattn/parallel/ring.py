@@ -65,13 +65,13 @@ def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
     return RingPlan(best_end, n - best_len)
 
 
-def _send(tree, axis_name, n, shift=1):
+def send(tree, axis_name, n, shift=1):
     """Send every array of `tree` from each device r to r + shift. Narrow floats travel as bits
     (the XLA kernel's storage), which also keeps XLA:CPU from widening them."""
     return lax.ppermute(tree, axis_name, perm=[(i, (i + shift) % n) for i in range(n)])
 
 
-def _visible(cfg, qs: base.Side, ks: base.Side):
+def visible(cfg, qs: base.Side, ks: base.Side):
     """Whether any query of this device sees any key of the shard it holds."""
     state = masks.tile_state(
         cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges)
@@ -79,28 +79,28 @@ def _visible(cfg, qs: base.Side, ks: base.Side):
     return state != masks.SKIP
 
 
-def _ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=False):
+def ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=False):
     """`carry = compute(kv, carry)` over the plan's steps, kv moving one hop between steps.
 
     With `send_carry`, the carry's last element (dK/dV) moves with kv, and after the last step
     goes home to the device that owns its shard.
     """
     if plan.first:
-        kv = _send(kv, axis_name, n, plan.first)
+        kv = send(kv, axis_name, n, plan.first)
 
     def step(_, state):
         kv, carry = state
-        kv_next = _send(kv, axis_name, n)  # issued before the compute it overlaps
+        kv_next = send(kv, axis_name, n)  # issued before the compute it overlaps
         carry = compute(kv, carry)
         if send_carry:
-            carry = (*carry[:-1], _send(carry[-1], axis_name, n))
+            carry = (*carry[:-1], send(carry[-1], axis_name, n))
         return kv_next, carry
 
     kv, carry = lax.fori_loop(0, plan.steps - 1, step, (kv, carry))
     carry = compute(kv, carry)
     home = -(plan.first + plan.steps - 1) % n
     if send_carry and home:
-        carry = (*carry[:-1], _send(carry[-1], axis_name, n, home))
+        carry = (*carry[:-1], send(carry[-1], axis_name, n, home))
     return carry
 
 
@@ -119,14 +119,14 @@ class Ring:
             k_, v_, kpos, kseg = kv
             ks = base.kv_side(cfg, kpos, kseg)
             return lax.cond(
-                _visible(cfg, qs, ks),
+                visible(cfg, qs, ks),
                 lambda c: kern.fwd_pass(cfg, q_, k_, v_, qs, ks, c),
                 lambda c: c,
                 state,
             )
 
         n = lax.axis_size(self.axis_name)
-        state = _ring_loop(
+        state = ring_loop(
             n, self.axis_name, self.plan, compute, kv, kern.init_state(cfg, q_, kv[1])
         )
         return kern.finish_fwd(cfg, q, state)
@@ -141,7 +141,7 @@ class Ring:
             dq, (dk, dv) = carry
             ks = base.kv_side(cfg, kpos, kseg)
             dq, dk, dv = lax.cond(
-                _visible(cfg, qs, ks),
+                visible(cfg, qs, ks),
                 lambda g: kern.bwd_pass(cfg, q_, k_, v_, bwd, qs, ks, g),
                 lambda g: g,
                 (dq, dk, dv),
@@ -150,7 +150,7 @@ class Ring:
 
         dq, dk, dv = kern.init_grads(cfg, q_, kv[0], kv[1])
         n = lax.axis_size(self.axis_name)
-        carry = _ring_loop(n, self.axis_name, self.plan, compute, kv, (dq, (dk, dv)), True)
+        carry = ring_loop(n, self.axis_name, self.plan, compute, kv, (dq, (dk, dv)), True)
         dq, (dk, dv) = carry
         return kern.finish_bwd(cfg, q, k, v, (dq, dk, dv))
 

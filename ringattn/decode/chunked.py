@@ -1,0 +1,186 @@
+"""Chunked prefill: a chunk of new tokens attends to a KV cache that already holds tokens (and to
+itself) and is written into it; on a mesh the cache stays sharded along the sequence.
+
+Inside jax.shard_map over the context axis device r holds shard r of a full cache (cache.py says
+which positions: contiguous or striped) and shard r of the chunk (its tokens in a context-parallel
+`layout`). Device r's *source* is the keys it holds: its cache shard as it was before the chunk,
+and its part of the chunk. Every query must meet every source; three ways (Meta's
+context-parallel inference, arXiv 2411.01783, Sec. 3):
+
+  pass_kv  the sources travel the ring, the queries stay: n - 1 hops of (cached + chunk) / n
+           tokens' K/V, each issued before the compute it overlaps; each device writes the chunk
+           tokens it owns as they pass. For chunks long against the cache.
+  pass_q   the queries travel with their running (out, lse), the sources stay: n - 1 hops, then
+           one hop takes each result home; the chunk is then written (gathered: it is short).
+           For short chunks against a long cache: the cache never moves.
+  decode   every device gets every query (one all-gather) and attends them to its source; the
+           partial results merge through lse, each device keeping its own rows: what a decode
+           step does, the fewest collectives, for the shortest chunks.
+
+`strategy="auto"` picks by the cost model (`ringattn.estimate_costs(..., cached_len=)`,
+parallel/prefill_costs.py).
+
+Visibility: a query (position >= 0) sees a cached token when the mask rule (causal, window) holds
+for their positions, and a token of the chunk when, besides, both carry the same segment id:
+packed documents of a chunk each see the cached context (a shared prefix), not each other.
+Padding (position < 0) sees nothing, gives 0 and is not written. Every pass runs the attention
+kernels (attention/kernels/), so GQA, windows, the soft cap, sinks and the fused kernels are
+those of training.
+
+`cache_bound` (static) promises that every position the cache holds is below it: the passes then
+read, and pass_kv sends, only the slots of each shard that may hold one (striped: ceil(bound /
+n), contiguous: min(bound, S / n)); 0 skips the cache (a first chunk).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ringattn.attention import inputs
+from ringattn.attention.blockwise import add_sinks, make_config
+from ringattn.attention.kernels import base
+from ringattn.decode import cache as cache_lib
+from ringattn.parallel import prefill_costs, ring
+
+STRATEGIES = ("pass_kv", "pass_q", "decode")
+_NO_QUERY = int(np.iinfo(np.int32).min)  # the segment of a padding query: no key has it
+_NO_KEY = _NO_QUERY + 1  # the segment of an empty slot or a padding key: no query has it
+
+
+class Source(NamedTuple):
+    """One device's keys: its cache shard's first slots (a KVCache, None when the cache is
+    skipped) and its part of the chunk, k/v [B, c, K, D], positions and segments [B, c]."""
+
+    cached: cache_lib.KVCache | None
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    seg: jax.Array
+
+
+class Queries(NamedTuple):
+    """Queries in the kernel's layout (padded), with positions and segments [B, t]."""
+
+    q_: jax.Array
+    pos: jax.Array
+    seg: jax.Array
+
+
+def _pass(cfg, qu: Queries, q_seg, k, v, kpos, kseg, state):
+    """cfg.kernel's forward pass of the queries over k/v, unless the mask rules all of it out."""
+    qs = base.make_side(qu.pos, q_seg, cfg.block_q)
+    k_, v_, kpos, kseg = base.prepare_kv(cfg, k, v, kpos, kseg)
+    ks = base.kv_side(cfg, kpos, kseg)
+    return lax.cond(
+        ring.visible(cfg, qs, ks),
+        lambda s: cfg.kernel.fwd_pass(cfg, qu.q_, k_, v_, qs, ks, s),
+        lambda s: s,
+        state,
+    )
+
+
+def _attend(cfgs, qu: Queries, src: Source, state):
+    """Continue the queries' state over a source: its cached tokens, then its chunk tokens."""
+    cached_cfg, chunk_cfg = cfgs
+    is_query = qu.pos >= 0
+    if src.cached is not None:
+        k, v = cache_lib.cache_kv(src.cached, cached_cfg.dtype)
+        held = jnp.where(src.cached.pos >= 0, 1, _NO_KEY)  # any document sees the cache
+        q_seg = jnp.where(is_query, 1, _NO_QUERY)
+        state = _pass(cached_cfg, qu, q_seg, k, v, src.cached.pos, held, state)
+    q_seg = jnp.where(is_query, qu.seg, _NO_QUERY)
+    k_seg = jnp.where(src.pos >= 0, src.seg, _NO_KEY)
+    return _pass(chunk_cfg, qu, q_seg, src.k, src.v, src.pos, k_seg, state)
+
+
+def prefix(cache, bound, n):
+    """The cache's first slots on this shard that may hold a position < bound (None: none)."""
+    if bound is None:
+        return cache
+    length = prefill_costs.prefix_len(bound, n, cache.layout, cache.num_slots)
+    if length == 0:
+        return None
+    cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
+    return cache_lib.KVCache(
+        cut(cache.k), cut(cache.v), cut(cache.k_scale), cut(cache.v_scale), cut(cache.pos),
+        cache.kind, cache.num_slots, cache.num_sinks, cache.window, cache.layout, cache.num_shards,
+    )  # fmt: skip
+
+
+def _configs(fn, opts, q, src: Source):
+    """(cached pass Config or None, chunk pass Config): one kernel, fitted to each."""
+    m = inputs.MaskArrays(src.pos, src.pos, src.seg, src.seg)  # segments: always (padding)
+    chunk = make_config(fn, opts, q, src.k, src.v, m)
+    if src.cached is None:
+        return None, chunk
+    return make_config(fn, opts, q, src.k, src.v, m, kv_len=src.cached.pos.shape[1]), chunk
+
+
+def _queries(cfg, q, pos, seg, num_kv_heads):
+    q_ = base.pad_to_block(cfg.kernel.store_q(q, num_kv_heads), cfg.block_q)
+    return Queries(q_, pos, seg)
+
+
+def _gather(tree, axis_name):
+    return jax.tree.map(lambda x: lax.all_gather(x, axis_name, axis=1, tiled=True), tree)
+
+
+def run(fn, strategy, opts, q, src: Source, cache, sinks, axis_name):
+    """(out [B, t, H, Dv] in q's dtype, lse [B, H, t] f32, cache): the strategy's loop."""
+    n = 1 if axis_name is None else lax.axis_size(axis_name)
+    index = 0 if axis_name is None else lax.axis_index(axis_name)
+    kh, t = src.k.shape[2], q.shape[1]
+    if strategy == "decode" and n > 1:
+        q_all, pos_all, seg_all = _gather((q, src.pos, src.seg), axis_name)
+        cfgs = _configs(fn, opts, q_all, src)
+        qu = _queries(cfgs[1], q_all, pos_all, seg_all, kh)
+        kern, cfg = cfgs[1].kernel, cfgs[1]
+        state = _attend(cfgs, qu, src, kern.init_state(cfg, qu.q_, src.v))
+        o, lse = kern.finish_fwd(cfg, q_all, state)
+        o, lse = _merge_own_rows(o, lse, axis_name, index, t)
+    else:
+        cfgs = _configs(fn, opts, q, src)
+        kern, cfg = cfgs[1].kernel, cfgs[1]
+        qu = _queries(cfg, q, src.pos, src.seg, kh)
+        state = kern.init_state(cfg, qu.q_, src.v)
+        if strategy == "pass_kv" and n > 1:
+
+            def step(src, carry):
+                state, cache = carry
+                cache = cache_lib.write(cache, src.k, src.v, src.pos, shard=index)
+                return _attend(cfgs, qu, src, state), cache
+
+            state, cache = ring.ring_loop(
+                n, axis_name, ring.RingPlan(0, n), step, src, (state, cache)
+            )
+        elif strategy == "pass_q" and n > 1:
+
+            def step(qu, carry):
+                return (_attend(cfgs, qu, src, carry[0]),)
+
+            (state,) = ring.ring_loop(
+                n, axis_name, ring.RingPlan(0, n), step, qu, (state,), send_carry=True
+            )
+        else:  # one device: one step
+            state = _attend(cfgs, qu, src, state)
+        o, lse = kern.finish_fwd(cfg, q, state)
+    if strategy != "pass_kv" or n == 1:
+        new = (src.k, src.v, src.pos) if n == 1 else _gather((src.k, src.v, src.pos), axis_name)
+        cache = cache_lib.write(cache, *new, shard=index)
+    o, lse = add_sinks(o, lse, sinks)
+    return o.astype(q.dtype), lse, cache
+
+
+def _merge_own_rows(o_BTHD, lse_BHT, axis_name, index, t):
+    """The exact merge over devices of partial results for every query (all-reduced lse,
+    reduce-scattered out), of this device's t queries (rows index * t ...)."""
+    m = lax.pmax(lse_BHT, axis_name)
+    lse = m + jnp.log(lax.psum(jnp.exp(lse_BHT - m), axis_name))
+    weighted = o_BTHD * jnp.moveaxis(jnp.exp(lse_BHT - lse), 2, 1)[..., None]
+    o = lax.psum_scatter(weighted, axis_name, scatter_dimension=1, tiled=True)
+    return o, lax.dynamic_slice_in_dim(lse, index * t, t, axis=2)

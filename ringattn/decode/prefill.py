@@ -1,0 +1,186 @@
+"""Chunked prefill's entry points: one device, inside jax.shard_map, and over global arrays on a
+mesh. The strategies and the mask are chunked.py's; here arguments are checked (before any work,
+naming the argument) and "auto" is resolved by the cost model.
+
+    out, cache = prefill_on_mesh(q, k, v, q_pos, cache, mesh=mesh, layout="striped")
+
+q [B, c, H, D], k/v [B, c, K, D|Dv] (rotated already, for a full cache that stores rotated keys),
+q_pos [B, c] (negative: padding) and segment_ids [B, c] are the chunk's, in `layout` order; the
+cache must be a 'full' one. Returns the chunk's attention output (and lse with return_lse) and the
+cache with the chunk written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from ringattn.attention import inputs
+from ringattn.attention.kernels import dispatch
+from ringattn.attention.masks import public_lse
+from ringattn.decode import cache as cache_lib
+from ringattn.decode import chunked, sharded
+from ringattn.parallel import costs, layouts
+
+STRATEGIES = chunked.STRATEGIES + ("auto",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """A checked call's static half (hashable: it keys the compiled program)."""
+
+    fn: str
+    opts: inputs.Options
+    strategy: str
+    cache_bound: int | None
+
+
+def _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn):
+    """(_Call without the resolved strategy, segments [B, c], sinks) of a checked call."""
+    if not isinstance(cache, cache_lib.KVCache):
+        raise TypeError(f"{fn}: `cache` must be a KVCache (init_cache), got {type(cache)}.")
+    if cache.kind != "full":
+        raise ValueError(
+            f"{fn}: chunked prefill needs a 'full' cache, got kind={cache.kind!r}; a window "
+            f"cache takes chunks through `update` then `attend` (StreamingLLM)."
+        )
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{fn}: `strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    bad = not isinstance(cache_bound, (int, np.integer)) or isinstance(cache_bound, bool)
+    if cache_bound is not None and (bad or cache_bound < 0):
+        raise ValueError(f"{fn}: `cache_bound` must be None or an int >= 0, got {cache_bound!r}.")
+    cache_lib.check_new(fn, cache, k, v, q_pos)
+    opts, m, sinks = inputs.check(
+        fn, q, k, v, segment_ids=segment_ids, q_positions=q_pos, kv_positions=q_pos, **attn
+    )
+    seg = m.q_seg if m.q_seg is not None else jnp.ones(np.shape(q_pos), jnp.int32)
+    bound = None if cache_bound is None else int(cache_bound)
+    return _Call(fn, opts, strategy, bound), seg, sinks
+
+
+def choose(call: _Call, q, k, n, layout, cache):
+    """The strategy `call.strategy` names, or the cost model's cheapest for "auto"
+    (estimate_costs with the cached length: the bound, else the cache's whole length)."""
+    if call.strategy != "auto":
+        return call.strategy
+    if n == 1:
+        return "pass_kv"  # one step: all three are the same
+    (b, t, h, d), kh = q.shape, k.shape[2]
+    cached = cache.num_slots if call.cache_bound is None else min(call.cache_bound, cache.num_slots)
+    spec = call.opts.spec
+    return costs.choose_strategy(
+        batch=b, q_len=t * n, kv_len=t * n, num_heads=h, num_kv_heads=kh, head_dim=d,
+        dtype=jnp.result_type(q, k), mesh_axis_sizes={"x": n}, axis_name="x",
+        causal=spec.causal, local_window_size=spec.window, layout=layout, cached_len=cached,
+        cache_layout=cache.layout, cache_slots=cache.num_slots,
+    )  # fmt: skip
+
+
+def _local(call, strategy, q, k, v, q_pos, seg, cache, sinks, axis_name):
+    """(out, lse, cache) of a checked call on this device's shards."""
+    n = 1 if axis_name is None else lax.axis_size(axis_name)
+    if axis_name is not None:
+        sharded.check_shard(call.fn, cache, axis_name)
+    dtype = jnp.result_type(q, k, v)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    src = chunked.Source(chunked.prefix(cache, call.cache_bound, n), k, v, q_pos, seg)
+    return chunked.run(call.fn, strategy, call.opts, q, src, cache, sinks, axis_name)
+
+
+def _finish(out, lse, cache, return_lse):
+    return ((out, public_lse(lse)) if return_lse else out), cache
+
+
+def prefill_attention(
+    q, k, v, q_pos, cache, *, segment_ids=None, causal=True, local_window_size=None, scale=None,
+    logits_soft_cap=None, sinks=None, cache_bound=None, block_q=None, block_k=None,
+    kernel="auto", return_lse=False,
+):  # fmt: skip
+    """(out [B, c, H, Dv], cache): the chunk against the cache (and itself) on one device, then
+    written into it. Arguments as in `prefill_on_mesh`."""
+    fn = "prefill_attention"
+    attn = dict(causal=causal, local_window_size=local_window_size, scale=scale, sinks=sinks)
+    attn.update(logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, kernel=kernel)
+    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, segment_ids, "pass_kv", cache_bound, attn)
+    out, lse, cache = _local_jit(call, "pass_kv", q, k, v, q_pos, seg, cache, sinks, None)
+    return _finish(out, lse, cache, return_lse)
+
+
+def sharded_prefill_attention(
+    q, k, v, q_pos, cache, *, axis_name, strategy="auto", layout="contiguous", segment_ids=None,
+    causal=True, local_window_size=None, scale=None, logits_soft_cap=None, sinks=None,
+    cache_bound=None, block_q=None, block_k=None, kernel="auto", return_lse=False,
+):  # fmt: skip
+    """`prefill_on_mesh` inside jax.shard_map: q/k/v/q_pos/segment_ids are this device's shard
+    of the chunk, `cache` its shard of the cache; `layout` (the chunk's token order) only informs
+    "auto". Returns this device's rows and its cache shard."""
+    fn = "sharded_prefill_attention"
+    attn = dict(causal=causal, local_window_size=local_window_size, scale=scale, sinks=sinks)
+    attn.update(logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, kernel=kernel)
+    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn)
+    layouts.check_layout_name(fn, layout)
+    chosen = choose(call, q, k, lax.axis_size(axis_name), layout, cache)
+    out, lse, cache = _local_jit(call, chosen, q, k, v, q_pos, seg, cache, sinks, axis_name)
+    return _finish(out, lse, cache, return_lse)
+
+
+def prefill_on_mesh(
+    q, k, v, q_pos, cache, *, mesh, axis_name="context", batch_axis=None, layout="contiguous",
+    strategy="auto", segment_ids=None, causal=True, local_window_size=None, scale=None,
+    logits_soft_cap=None, sinks=None, cache_bound=None, block_q=None, block_k=None,
+    kernel="auto", return_lse=False,
+):  # fmt: skip
+    """(out [B, c, H, Dv], cache): a chunk of c new tokens against a cache sharded over
+    `axis_name` (P(batch_axis, axis_name)), then written into it; chunked.py describes the
+    strategies ("auto": the cost model's choice) and the mask.
+
+    q [B, c, H, D], k/v [B, c, K, D|Dv], q_pos and segment_ids [B, c] are global arrays in
+    `layout` order (c a multiple of the devices, of twice that for zigzag), sharded over
+    `axis_name`; out comes back the same way (and lse [B, H, c] f32 with return_lse). causal,
+    local_window_size, scale, logits_soft_cap, sinks, block_q, block_k and kernel as in
+    `ringattn.context_parallel_attention`. `cache_bound`: chunked.py.
+    """
+    fn = "prefill_on_mesh"
+    attn = dict(causal=causal, local_window_size=local_window_size, scale=scale, sinks=sinks)
+    attn.update(logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, kernel=kernel)
+    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn)
+    sharded.check_mesh(fn, cache, mesh, axis_name, batch_axis)
+    n = mesh.shape[axis_name]
+    layouts.check_layout(fn, layout, q.shape[1], n, "chunk length")
+    call = dataclasses.replace(call, strategy=choose(call, q, k, n, layout, cache))
+    out, lse, cache = _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sinks)
+    return _finish(out, lse, cache, return_lse)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 9))
+def _local_jit(call, strategy, q, k, v, q_pos, seg, cache, sinks, axis_name):
+    """_local compiled once per static call: an eager caller runs one program (inside a
+    caller's jit it inlines)."""
+    return _local(call, strategy, q, k, v, q_pos, seg, cache, sinks, axis_name)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sinks):
+    rows = P(batch_axis, axis_name)
+    seq = P(batch_axis, axis_name, None, None)
+    q, k, v = (sharded.place(x, mesh, seq) for x in (q, k, v))
+    q_pos, seg = (sharded.place(x, mesh, rows) for x in (q_pos, seg))
+    cache = sharded.shard_cache(cache, mesh, axis_name, batch_axis)
+
+    def local(q, k, v, q_pos, seg, cache, sinks):
+        return _local(call, call.strategy, q, k, v, q_pos, seg, cache, sinks, axis_name)
+
+    vma = not dispatch.needs_vma_off(call.opts.kernel, mesh.devices.flat[0].platform)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(seq, seq, seq, rows, rows, rows, P()),
+        out_specs=(seq, P(batch_axis, None, axis_name), rows),
+        check_vma=vma,
+    )(q, k, v, q_pos, seg, cache, sinks)
