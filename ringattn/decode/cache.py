@@ -191,11 +191,12 @@ def cache_bytes(cache) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
 
 
-def check_new(fn, cache, k_new, v_new, pos_new):
+def check_new(fn, cache, k_new, v_new, pos_new, names=("k_new", "v_new", "pos_new")):
     """k_new [B, t, K, D] / v_new [B, t, K, Dv] floating, pos_new [B, t] integer, matching the
-    cache."""
+    cache; errors call them by the caller's `names`."""
     b, _, kh, _ = cache.k.shape
-    for name, x, d in (("k_new", k_new, cache.k.shape[3]), ("v_new", v_new, cache.v.shape[3])):
+    k_name, v_name, pos_name = names
+    for name, x, d in ((k_name, k_new, cache.k.shape[3]), (v_name, v_new, cache.v.shape[3])):
         shape = tuple(np.shape(x))
         if len(shape) != 4 or shape[0] != b or shape[2:] != (kh, d):
             raise ValueError(
@@ -206,10 +207,10 @@ def check_new(fn, cache, k_new, v_new, pos_new):
             raise ValueError(f"{fn}: `{name}` must be floating, got {jnp.result_type(x)}.")
     if np.shape(v_new)[:2] != np.shape(k_new)[:2]:
         raise ValueError(
-            f"{fn}: `v_new` must have the batch and length of `k_new` {np.shape(k_new)[:2]}, "
-            f"got {np.shape(v_new)[:2]}."
+            f"{fn}: `{v_name}` must have the batch and length of `{k_name}` "
+            f"{np.shape(k_new)[:2]}, got {np.shape(v_new)[:2]}."
         )
-    check_positions(fn, "pos_new", pos_new, (b, np.shape(k_new)[1]))
+    check_positions(fn, pos_name, pos_new, (b, np.shape(k_new)[1]))
 
 
 def check_positions(fn, name, pos, shape):

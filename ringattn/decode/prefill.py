@@ -55,7 +55,7 @@ def _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn):
     bad = not isinstance(cache_bound, (int, np.integer)) or isinstance(cache_bound, bool)
     if cache_bound is not None and (bad or cache_bound < 0):
         raise ValueError(f"{fn}: `cache_bound` must be None or an int >= 0, got {cache_bound!r}.")
-    cache_lib.check_new(fn, cache, k, v, q_pos)
+    cache_lib.check_new(fn, cache, k, v, q_pos, names=("k", "v", "q_pos"))
     opts, m, sinks = inputs.check(
         fn, q, k, v, segment_ids=segment_ids, q_positions=q_pos, kv_positions=q_pos, **attn
     )

@@ -10,6 +10,10 @@ blockwise attention, everything runs on one device.
     model = decoding_model(cfg, mesh)
     caches = init_caches(cfg, CacheSpec("full", max_len=1024), batch=1, mesh=mesh)
     out = generate(model, params, prompt_batch([tokens]), caches, 32, temperature=0.0)
+
+A long prompt can be prefilled in chunks (`prefill_chunk`): each chunk attends to the cache the
+previous ones filled (ringattn/decode/chunked.py), so the activations are a chunk's, not the
+prompt's.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ PAD = 0
 class CacheSpec:
     """What cache every layer gets (ringattn/decode/cache.py): "full" holds `max_len` tokens,
     "sink_window" `num_sinks` + `window` (StreamingLLM), "window" the last `window` only.
-    `dtype`: stored K/V (or, with `quantize`, what int8 + float32 scales stand for)."""
+    `dtype`: stored K/V (or, with `quantize`, what int8 + float32 scales stand for).
+    `layout`: where a full cache sharded over n devices keeps positions; "striped" (round-robin)
+    keeps every prefix of the stream spread evenly, so prompt chunks and decode steps find the
+    cached work balanced (cache.py); window kinds are always contiguous ring buffers."""
 
     kind: str = "full"
     max_len: int | None = None
@@ -44,6 +51,7 @@ class CacheSpec:
     window: int | None = None
     quantize: bool = False
     dtype: str = "float32"
+    layout: str = "striped"
 
 
 def decoding_model(cfg: ModelConfig, mesh=None) -> Transformer:
@@ -92,6 +100,8 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
         window=spec.window,
         quantize=spec.quantize,
         v_head_dim=cfg.value_dim,
+        layout=spec.layout if spec.kind == "full" else "contiguous",
+        num_shards=n,
     )
     if n > 1:
         axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))
@@ -128,9 +138,11 @@ def pad_multiple(cfg: ModelConfig, mesh) -> int:
     return 2 * n if cfg.attention.layout == "zigzag" else n  # as layouts.check_layout
 
 
-def prefill(model, params, batch, caches):
+def prefill(model, params, batch, caches, cache_bound=0):
     """(logits [B, vocab] after each row's last prompt token, caches). The prompt goes into the
-    model's layout order first; the caches place tokens by position, whatever the order."""
+    model's layout order first; the caches place tokens by position, whatever the order.
+    `cache_bound`: as in Transformer.prefill (0: the caches are empty). A row whose last token
+    is not in `batch` gets the logits of its last token in it (zeros if none)."""
     n = num_shards(model.cfg, model.mesh)
     layout = model.cfg.attention.layout
     tokens, positions, segs = (
@@ -138,11 +150,44 @@ def prefill(model, params, batch, caches):
         for k in ("tokens", "positions", "segment_ids")
     )
     logits_BTV, caches = model.apply(
-        {"params": params}, tokens, positions, segs, caches, method=Transformer.prefill
+        {"params": params},
+        tokens,
+        positions,
+        segs,
+        caches,
+        cache_bound,
+        method=Transformer.prefill,
     )
-    last_BT = positions == (jnp.asarray(batch["lengths"]) - 1)[:, None]
+    # The row's newest position here: its last prompt token when this holds it.
+    last_BT = positions == jnp.max(positions, axis=1, keepdims=True)
     idx_B = jnp.argmax(last_BT, axis=1)
-    return jnp.take_along_axis(logits_BTV, idx_B[:, None, None], axis=1)[:, 0], caches
+    logits_BV = jnp.take_along_axis(logits_BTV, idx_B[:, None, None], axis=1)[:, 0]
+    return jnp.where(jnp.any(positions >= 0, axis=1)[:, None], logits_BV, 0.0), caches
+
+
+def chunks(batch, chunk):
+    """`batch` (from prompt_batch) cut into pieces of `chunk` tokens (the last one padded), with
+    each piece's bound on the positions already prefilled, and which rows end in it."""
+    t = batch["tokens"].shape[1]
+    lengths = np.asarray(batch["lengths"])
+    for start in range(0, t, chunk):
+        piece = {}
+        for k, pad in (("tokens", PAD), ("positions", -1), ("segment_ids", 0)):
+            x = np.asarray(batch[k])[:, start : start + chunk]
+            piece[k] = np.pad(x, ((0, 0), (0, chunk - x.shape[1])), constant_values=pad)
+        ends_B = (lengths > start) & (lengths <= start + chunk)
+        yield piece, start, ends_B
+
+
+def prefill_in_chunks(pre, params, batch, caches, chunk):
+    """`prefill` of `batch` `chunk` tokens at a time: `pre(params, piece, caches, cache_bound)`
+    is prefill (jitted with a static cache_bound: 0 for the first chunk, None after it, so two
+    compilations serve any prompt). Returns (logits after each row's last token, caches)."""
+    logits_BV = None
+    for piece, start, ends_B in chunks(batch, chunk):
+        logits, caches = pre(params, piece, caches, 0 if start == 0 else None)
+        logits_BV = logits if logits_BV is None else jnp.where(ends_B[:, None], logits, logits_BV)
+    return logits_BV, caches
 
 
 def sample(logits_BV, rng, temperature=0.0, top_k=0):
@@ -180,7 +225,7 @@ def decode_loop(model, params, caches, token_B, position_B, rng, num_steps, temp
 
 @functools.cache
 def _compiled(model, temperature, top_k, num_steps):
-    pre = jax.jit(functools.partial(prefill, model))
+    pre = jax.jit(functools.partial(prefill, model), static_argnums=3)
     loop = jax.jit(
         functools.partial(
             decode_loop, model, num_steps=num_steps, temperature=temperature, top_k=top_k
@@ -190,19 +235,37 @@ def _compiled(model, temperature, top_k, num_steps):
     return pre, loop
 
 
-def generate(model, params, batch, caches, max_new_tokens, *, temperature=0.0, top_k=0, seed=0):
-    """Prefill `batch` (from `prompt_batch`) and sample `max_new_tokens` per row. Returns
-    tokens [B, max_new_tokens] and timings, compilation excluded: prefill_s, decode_s and
-    decode tokens/s (the max_new_tokens - 1 decode steps over the whole batch)."""
+def generate(
+    model, params, batch, caches, max_new_tokens, *, temperature=0.0, top_k=0, seed=0,
+    prefill_chunk=None,
+):  # fmt: skip
+    """Prefill `batch` (from `prompt_batch`; in chunks of `prefill_chunk` tokens when given, a
+    multiple of `pad_multiple`) and sample `max_new_tokens` per row. Returns tokens [B,
+    max_new_tokens] and timings, compilation excluded: prefill_s, decode_s and decode tokens/s
+    (the max_new_tokens - 1 decode steps over the whole batch)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: `max_new_tokens` must be >= 1, got {max_new_tokens}.")
+    multiple = pad_multiple(model.cfg, model.mesh)
+    if prefill_chunk is not None and (prefill_chunk < 1 or prefill_chunk % multiple):
+        raise ValueError(
+            f"generate: `prefill_chunk` must be a positive multiple of {multiple} (the prompt's "
+            f"layout over the devices), got {prefill_chunk}."
+        )
     pre, loop = _compiled(model, float(temperature), int(top_k), max_new_tokens - 1)
     rng0, rng = jax.random.split(jax.random.key(seed))
     pos_B = jnp.asarray(batch["lengths"], jnp.int32)
-    args = (params, batch, caches)
-    pre = pre.lower(*args).compile()
+    if prefill_chunk is None or prefill_chunk >= batch["tokens"].shape[1]:
+        compiled = {0: pre.lower(params, batch, caches, 0).compile()}
+        run_prefill = lambda c: compiled[0](params, batch, c)  # noqa: E731
+    else:
+        first = next(chunks(batch, prefill_chunk))[0]
+        compiled = {b: pre.lower(params, first, caches, b).compile() for b in (0, None)}
+        run_prefill = lambda c: prefill_in_chunks(  # noqa: E731
+            lambda p, piece, c, bound: compiled[bound](p, piece, c), params, batch, c,
+            prefill_chunk,
+        )  # fmt: skip
     t0 = time.perf_counter()
-    logits_BV, caches = jax.block_until_ready(pre(*args))
+    logits_BV, caches = jax.block_until_ready(run_prefill(caches))
     prefill_s = time.perf_counter() - t0
     first_B = sample(logits_BV, rng0, temperature, top_k)
     tokens = first_B[:, None]

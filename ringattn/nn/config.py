@@ -10,6 +10,7 @@ from ringattn.nn.rope import RopeConfig
 
 IMPLS = ("dense", "blockwise", "ring", "allgather", "ulysses", "auto")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+PREFILL = ("pass_kv", "pass_q", "decode", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +29,17 @@ class AttentionConfig:
     # With a window: 0 makes every layer local (Mistral); k makes layers i with (i + 1) % k == 0
     # global and the others local (Gemma 2: 2, alternating local then global).
     global_every: int = 0
+    # A prompt chunk against a sharded cache that holds tokens (ringattn/decode/chunked.py):
+    # pass_kv | pass_q | decode | auto (the cost model's choice per call).
+    prefill: str = "auto"
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"AttentionConfig: `impl` must be one of {IMPLS}, got {self.impl!r}.")
+        if self.prefill not in PREFILL:
+            raise ValueError(
+                f"AttentionConfig: `prefill` must be one of {PREFILL}, got {self.prefill!r}."
+            )
         for name in ("logits_soft_cap", "sliding_window", "global_every"):
             if getattr(self, name) < 0:
                 raise ValueError(

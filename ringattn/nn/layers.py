@@ -14,6 +14,7 @@ from ringattn.attention.blockwise import blockwise_attention
 from ringattn.attention.reference import reference_attention
 from ringattn.decode import attend as attend_lib
 from ringattn.decode import cache as cache_lib
+from ringattn.decode import prefill as prefill_lib
 from ringattn.decode import sharded
 from ringattn.mesh import mesh_axes_for
 from ringattn.nn.config import ModelConfig
@@ -126,21 +127,46 @@ def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope, 
     return sharded.attend_on_mesh(q_BtHD, positions_Bt, cache, **variants, **_on_mesh(cfg, mesh))
 
 
+def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
+                    cache, window, sinks, cache_bound):  # fmt: skip
+    """(out, cache): a prompt chunk against a full cache that may hold tokens (below
+    `cache_bound`, None: anywhere), and against itself; then written (ringattn/decode/chunked.py:
+    on a mesh the cache stays sharded and cfg.attention.prefill picks the strategy)."""
+    a = cfg.attention
+    opts = dict(
+        segment_ids=segment_ids_BT,
+        local_window_size=None if window is None else (window - 1, 0),
+        logits_soft_cap=a.logits_soft_cap or None,
+        sinks=sinks,
+        cache_bound=cache_bound,
+    )
+    if not shards_cache(cfg, mesh):
+        return prefill_lib.prefill_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, **opts)
+    return prefill_lib.prefill_on_mesh(
+        q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, layout=a.layout, strategy=a.prefill,
+        **_on_mesh(cfg, mesh), **opts,
+    )  # fmt: skip
+
+
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (never repeated).
 
-    With a KV `cache` (ringattn/decode/cache.py) it returns (out, cache): `prefill` computes the
-    tokens' attention with the configured implementation and then writes their K/V, a decode
-    step (prefill=False) writes the new tokens first and attends them to the cache. A full cache
-    stores rotated keys; window kinds store them un-rotated and rotate at their positions in the
-    cache (StreamingLLM). `window`: this layer's sliding window (None: global)."""
+    With a KV `cache` (ringattn/decode/cache.py) it returns (out, cache). `prefill` with
+    `cache_bound=0` (the caches are empty) computes the tokens' attention with the configured
+    implementation and then writes their K/V; otherwise (the caches may hold tokens below
+    `cache_bound`; None: anywhere) a full cache takes them as a chunk (`chunk_attention`), a
+    window cache as a decode step would. A decode step (prefill=False) writes the new tokens
+    first and attends them to the cache. A full cache stores rotated keys; window kinds store
+    them un-rotated and rotate at their positions in the cache (StreamingLLM). `window`: this
+    layer's sliding window (None: global)."""
 
     cfg: ModelConfig
     mesh: object = None
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True):
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True,
+                 cache_bound=0):  # fmt: skip
         cfg, e = self.cfg, x_BTE.shape[-1]
         h, k, d, dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim
         # Fan-in is the embedding for q/k/v and (heads, head_dim) for the output projection.
@@ -163,7 +189,7 @@ class Attention(nn.Module):
         rope = None
         if rotate_later:
             rope = lambda x, pos: apply_rope(x, pos, cfg.rope)  # noqa: E731
-        if cache is not None and not prefill:
+        if cache is not None and (not prefill or (rotate_later and cache_bound != 0)):
             if not rotate_later:
                 q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
                 k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
@@ -179,6 +205,13 @@ class Attention(nn.Module):
         kv_names = ("act_batch", "act_length", "act_kv_heads", "head_dim")
         k_BTKD = constrain(k_BTKD, kv_names, cfg, self.mesh)
         v_BTKD = constrain(v_BTKD, kv_names, cfg, self.mesh)
+        if cache is not None and cache_bound != 0:
+            o_BTHD, cache = chunk_attention(
+                cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, cache,
+                self.window, sinks_H, cache_bound,
+            )  # fmt: skip
+            o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
+            return jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt)), cache
         o_BTHD = attention(
             cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, self.window,
             sinks_H,

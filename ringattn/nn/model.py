@@ -28,7 +28,8 @@ class Block(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True):
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True,
+                 cache_bound=0):  # fmt: skip
         """(x, None), or (x, the updated cache) when given a KV cache (see Attention)."""
         cfg, mesh = self.cfg, self.mesh
         h = RMSNorm(cfg, name="attn_norm")(x_BTE)
@@ -36,7 +37,7 @@ class Block(nn.Module):
         if cache is None:
             a_BTE = attn(h, positions_BT, segment_ids_BT)
         else:
-            a_BTE, cache = attn(h, positions_BT, segment_ids_BT, cache, prefill)
+            a_BTE, cache = attn(h, positions_BT, segment_ids_BT, cache, prefill, cache_bound)
         x_BTE = x_BTE + a_BTE
         x_BTE = constrain(x_BTE, ACT, cfg, mesh)
         x_BTE = x_BTE + Mlp(cfg, mesh, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTE))
@@ -142,20 +143,25 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
         return self.from_embeddings(self.embed(tokens_BT), positions_BT, segment_ids_BT)
 
-    def prefill(self, tokens_BT, positions_BT, segment_ids_BT, caches):
-        """(logits, caches): the forward pass with the configured (context-parallel) attention,
-        writing every layer's K/V into its cache (one document per row; padding: position -1,
-        segment 0). Any token order: the caches place tokens by position. The prompt's attention
-        is full causal attention, so with a window cache it should fit in the window (stream a
-        longer one through `decode` in chunks)."""
-        return self._cached(tokens_BT, positions_BT, segment_ids_BT, caches, prefill=True)
+    def prefill(self, tokens_BT, positions_BT, segment_ids_BT, caches, cache_bound=None):
+        """(logits, caches): the tokens (a prompt, or a chunk of one) through the model, every
+        layer's K/V written into its cache (padding: position -1, segment 0). Any token order:
+        the caches place tokens by position.
+
+        `cache_bound` (static): every position the caches hold is below it. 0 (empty caches):
+        the prompt's attention is the configured (context-parallel) attention, and with a window
+        cache it should fit in the window. Otherwise (None: the caches may hold anything) each
+        token also attends to what the caches hold: a full cache takes the tokens as a chunk
+        (ringattn/decode/chunked.py: pass-KV, pass-Q or decode on a mesh; packed segments of the
+        chunk each see the cached context), a window cache as decode steps would."""
+        return self._cached(tokens_BT, positions_BT, segment_ids_BT, caches, True, cache_bound)
 
     def decode(self, tokens_Bt, positions_Bt, caches):
         """(logits [B, t, vocab], caches): t new tokens per row (t = 1: one decode step) written
         into the caches and attended to them (position -1: padding, not written)."""
         return self._cached(tokens_Bt, positions_Bt, None, caches, prefill=False)
 
-    def _cached(self, tokens_BT, positions_BT, segment_ids_BT, caches, prefill):
+    def _cached(self, tokens_BT, positions_BT, segment_ids_BT, caches, prefill, cache_bound=0):
         if self.cfg.scan_layers or self.cfg.remat != "none":
             raise ValueError(
                 "Transformer: decoding runs the layers in a loop without remat; build the model "
@@ -170,6 +176,6 @@ class Transformer(nn.Module):
         x_BTE = self.embed(tokens_BT)
         new = []
         for layer, cache in zip(self.layers, caches, strict=True):
-            x_BTE, cache = layer(x_BTE, positions_BT, segment_ids_BT, cache, prefill)
+            x_BTE, cache = layer(x_BTE, positions_BT, segment_ids_BT, cache, prefill, cache_bound)
             new.append(cache)
         return self.logits(x_BTE), new
