@@ -3,6 +3,17 @@ what an int8 cache saves and costs.
 
   python experiments/decode_benchmark.py --cache_lens=4096,32768 --num_devices=1,8
   python experiments/decode_benchmark.py --workdir=/tmp/passkey --out=/tmp/decode.json
+  python experiments/decode_benchmark.py --prefill_only --prefill_chunks=128,1024,8192 \
+      --prefill_caches=8192,32768,131072 --out=/tmp/prefill.json
+  python experiments/decode_benchmark.py --prefill_only --num_cpu_devices=256 \
+      --prefill_dry_run_cache=1048576 --prefill_dry_run_devices=8,32,128,256
+
+Chunked prefill (--prefill_chunks / --prefill_caches, ringattn/evals/prefill_bench.py): one
+attention layer, a chunk against a cache already holding tokens on --prefill_devices devices,
+pass_kv / pass_q / decode side by side (chunk tokens/s, compiled temporaries per device), the
+measured winner and the cost model's choice with constants measured on this machine. The dry
+run compiles (never runs) a chunk step against a --prefill_dry_run_cache-token cache (Llama-3-8B
+layer: 32 heads, 8 KV heads, head dim 128, bf16) and reports the memory per device.
 
 One device: the cache whole on it, plain decode attention. n devices: ring-attention prefill,
 then the cache sharded along the sequence over all n; each step attends the new token to every
@@ -12,6 +23,7 @@ not depend on the weights). Cache dtypes: the bytes of the caches, and the error
 teacher-forced decode logits against a float32 cache.
 """
 
+import dataclasses
 import json
 import os
 
@@ -34,6 +46,19 @@ _DTYPE_LEN = flags.DEFINE_integer(
     "dtype_cache_len", 1024, "Cache length of the cache dtype comparison (0 skips it)."
 )
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
+_PREFILL_ONLY = flags.DEFINE_bool("prefill_only", False, "Skip the decode measurements.")
+_P_CHUNKS = flags.DEFINE_list("prefill_chunks", [], "Chunk lengths of the chunked prefill.")
+_P_CACHES = flags.DEFINE_list("prefill_caches", [], "Tokens cached before the chunk.")
+_P_DEVICES = flags.DEFINE_integer("prefill_devices", 8, "Devices of the chunked prefill.")
+_P_CALIBRATION = flags.DEFINE_integer(
+    "prefill_calibration",
+    2048,
+    "Chunk length of the run that measures this machine's constants for the cost model (0: its "
+    "default constants).",
+)
+_P_DRY_CACHE = flags.DEFINE_integer("prefill_dry_run_cache", 0, "Dry-run cache tokens (0: none).")
+_P_DRY_DEVICES = flags.DEFINE_list("prefill_dry_run_devices", ["8"], "Dry-run device counts.")
+_P_DRY_CHUNK = flags.DEFINE_integer("prefill_dry_run_chunk", 8192, "Dry-run chunk length.")
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
 
 
@@ -44,6 +69,12 @@ def main(argv):
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import bench
 
+    prefill = chunked_prefill()
+    if _PREFILL_ONLY.value:
+        if _OUT.value:
+            with open(_OUT.value, "w") as f:
+                json.dump(prefill, f, indent=1)
+        return
     model_cfg, params = bench.model_and_params(_WORKDIR.value, _CONFIG.value)
     rows = []
     for cache_len in map(int, _CACHE_LENS.value):
@@ -62,7 +93,37 @@ def main(argv):
     print(bench.markdown(rows, dtypes))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
-            json.dump({"throughput": rows, "cache_dtypes": dtypes}, f, indent=1)
+            json.dump({"throughput": rows, "cache_dtypes": dtypes, **prefill}, f, indent=1)
+
+
+def chunked_prefill():
+    """The chunked-prefill rows and dry run the flags ask for (printed as they come)."""
+    from ringattn.evals import prefill_bench
+
+    rows, dry, hardware = [], [], None
+    if _P_CHUNKS.value and _P_CACHES.value:
+        if _P_CALIBRATION.value:
+            hardware = prefill_bench.calibrate(_P_DEVICES.value, length=_P_CALIBRATION.value)
+            print(f"calibrated: {hardware}", flush=True)
+        for cached in map(int, _P_CACHES.value):
+            for length in map(int, _P_CHUNKS.value):
+                row = prefill_bench.measure(
+                    prefill_bench.Shape(), _P_DEVICES.value, cached, length, hardware=hardware
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if _P_DRY_CACHE.value:
+        shape = prefill_bench.Shape(heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
+        devices = list(map(int, _P_DRY_DEVICES.value))
+        dry = prefill_bench.dry_run(_P_DRY_CACHE.value, devices, _P_DRY_CHUNK.value, shape)
+        for r in dry:
+            print(json.dumps(r), flush=True)
+    if rows or dry:
+        print(prefill_bench.markdown(rows, dry))
+    out = dict(prefill=rows, prefill_dry_run=dry)
+    if hardware is not None:
+        out["prefill_hardware"] = dataclasses.asdict(hardware)
+    return out
 
 
 if __name__ == "__main__":

@@ -182,3 +182,30 @@ def test_decode_benchmark_script(tmp_path):
     assert by["int8"]["bytes_vs_bf16"] == pytest.approx((2 * k * d + 8 * k + 4) / (4 * k * d + 4))
     assert by["int8"]["rel_logit_err"] < 2e-2
     assert jax.device_count() == 8
+
+
+def test_decode_benchmark_chunked_prefill(tmp_path):
+    """--prefill_only: a row per (cache, chunk) with all three strategies timed, the winner and
+    the model's choice; the dry run's cache per device is the cache's bytes over the devices."""
+    out_path = tmp_path / "prefill.json"
+    run_script(
+        "decode_benchmark",
+        "--prefill_only",
+        "--prefill_chunks=32",
+        "--prefill_caches=96",
+        "--prefill_calibration=0",
+        "--prefill_dry_run_cache=1024",
+        "--prefill_dry_run_devices=4",
+        "--prefill_dry_run_chunk=64",
+        f"--out={out_path}",
+    )
+    result = json.loads(out_path.read_text())
+    (row,) = result["prefill"]
+    assert (row["chunk"], row["cached"], row["devices"]) == (32, 96, 8)
+    times = {s: row[f"{s}_s"] for s in ("pass_kv", "pass_q", "decode")}
+    assert min(times.values()) > 0 and row["winner"] == min(times, key=times.get)
+    assert row["model_agrees"] == (row["model_choice"] == row["winner"])
+    (four,) = result["prefill_dry_run"]
+    # 1024 tokens x (K + V: 2 x 8 heads x 128 x 2 bytes + int32 position) over the devices
+    assert four["cache_mib_per_device"] == pytest.approx(1024 * (2 * 8 * 128 * 2 + 4) / 4 / 2**20)
+    assert all(four[f"{s}_temp_mib"] > 0 for s in times)

@@ -1,0 +1,222 @@
+"""Measurements of chunked prefill (decode/chunked.py) behind experiments/decode_benchmark.py:
+pass_kv, pass_q and decode for chunks against caches of several lengths on n devices, side by
+side in one run (tokens/s of the chunk, compiled temporaries per device), the cost model's
+choice against the measured winner; and, compiled only, the memory of a 1M-token cache over many
+devices.
+
+One attention layer (the kernel's work and the strategies' traffic; the rest of a model is the
+same whatever the strategy), float32, a striped cache holding positions 0 .. P - 1 and a chunk at
+P ... P + c - 1 in the striped layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringattn.decode import cache as cache_lib
+from ringattn.decode import prefill as prefill_lib
+from ringattn.decode import sharded
+from ringattn.parallel import costs
+from ringattn.parallel.layouts import to_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The attention layer measured."""
+
+    heads: int = 4
+    kv_heads: int = 1
+    head_dim: int = 64
+    dtype: str = "float32"
+    layout: str = "striped"
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("context",), devices=jax.devices()[:n])
+
+
+def filled_cache(shape: Shape, mesh, cached, slots, seed=0):
+    """A striped cache of `slots` slots holding random K/V at positions 0 .. cached - 1."""
+    n = mesh.shape["context"]
+    dtype = jnp.dtype(shape.dtype)
+    cache = cache_lib.init_cache(
+        "full", 1, slots, shape.kv_heads, shape.head_dim, dtype, layout="striped", num_shards=n
+    )
+    pos = np.arange(cached, dtype=np.int32)
+    slot = np.asarray(cache_lib.slots(cache, pos[None]))[0]
+    rng = np.random.default_rng(seed)
+    k, v = (np.zeros(cache.k.shape, dtype) for _ in range(2))
+    k[0, slot] = rng.standard_normal((cached, shape.kv_heads, shape.head_dim))
+    v[0, slot] = rng.standard_normal((cached, shape.kv_heads, shape.head_dim))
+    held = np.full(cache.pos.shape, -1, np.int32)
+    held[0, slot] = pos
+    cache = dataclasses.replace(cache, k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(held))
+    return sharded.shard_cache(cache, mesh)
+
+
+def chunk(shape: Shape, n, cached, length, seed=1):
+    """(q, k, v, positions) of a chunk at positions cached ..., in the layout's order."""
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(shape.dtype)
+    q = rng.standard_normal((1, length, shape.heads, shape.head_dim)).astype(dt)
+    k, v = rng.standard_normal((2, 1, length, shape.kv_heads, shape.head_dim)).astype(dt)
+    pos = (cached + np.arange(length, dtype=np.int32))[None]
+    return tuple(to_layout(jnp.asarray(x), shape.layout, n) for x in (q, k, v, pos))
+
+
+@functools.cache
+def _program(mesh, strategy, layout, bound):
+    return jax.jit(
+        functools.partial(
+            prefill_lib.prefill_on_mesh,
+            mesh=mesh,
+            layout=layout,
+            strategy=strategy,
+            cache_bound=bound,
+        ),  # fmt: skip
+        donate_argnums=4,
+    )
+
+
+def measure(shape: Shape, n, cached, length, strategies=("pass_kv", "pass_q", "decode"),
+            repeats=2, hardware=None):  # fmt: skip
+    """One row: per strategy the best of `repeats` timed runs (compilation excluded) and the
+    compiled temporaries per device; the measured winner and the cost model's choice."""
+    mesh = _mesh(n)
+    slots = -(-(cached + length) // n) * n
+    args = chunk(shape, n, cached, length)
+    row = dict(devices=n, chunk=length, cached=cached, ratio=length / max(cached, 1))
+    for strategy in strategies:
+        fn = _program(mesh, strategy, shape.layout, cached)
+        compiled = fn.lower(*args, filled_cache(shape, mesh, cached, slots)).compile()
+        mem = compiled.memory_analysis()
+        best = float("inf")
+        for _ in range(repeats):
+            cache = filled_cache(shape, mesh, cached, slots)  # donated: a fresh one each run
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args, cache))
+            best = min(best, time.perf_counter() - t0)
+        row[f"{strategy}_s"] = best
+        row[f"{strategy}_tokens_per_s"] = length / best
+        row[f"{strategy}_temp_mib"] = (mem.temp_size_in_bytes if mem else float("nan")) / 2**20
+    row["winner"] = min(strategies, key=lambda s: row[f"{s}_s"])
+    est = estimates(shape, n, cached, length, slots, hardware)
+    row["model_choice"] = min(strategies, key=lambda s: est[s].time_s)
+    row["model_agrees"] = row["model_choice"] == row["winner"]
+    row["why"] = est[row["model_choice"]].why
+    return row
+
+
+def estimates(shape: Shape, n, cached, length, slots, hardware=None):
+    return costs.estimate_costs(
+        batch=1, q_len=length, kv_len=length, num_heads=shape.heads,
+        num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype=shape.dtype,
+        mesh_axis_sizes={"x": n}, axis_name="x", causal=True, local_window_size=None,
+        layout=shape.layout, hardware=hardware, cached_len=cached, cache_layout="striped",
+        cache_slots=slots,
+    )  # fmt: skip
+
+
+def calibrate(n, shape: Shape = Shape(), length=2048):
+    """costs.Hardware for this machine as n devices see it: attention FLOP/s of one device
+    (one device's share of a whole-mesh decode-strategy run: a chunk of `length` against 8 times
+    as many cached tokens) and the bytes/s of a ring hop (length / 32 MiB a device)."""
+    mib = max(1, length // 32)
+    mesh = _mesh(n)
+    cached = 8 * length
+    slots = cached + length
+    args = chunk(shape, n, cached, length)
+    fn = _program(mesh, "decode", shape.layout, cached).lower(
+        *args, filled_cache(shape, mesh, cached, slots)
+    )
+    compiled = fn.compile()
+    best = float("inf")
+    for _ in range(2):
+        cache = filled_cache(shape, mesh, cached, slots)
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args, cache))
+        best = min(best, time.perf_counter() - t0)
+    flops = estimates(shape, n, cached, length, slots)["decode"].flops  # the busiest device's
+    x = jax.device_put(
+        jnp.zeros((n, mib * 2**18), jnp.float32), jax.sharding.NamedSharding(mesh, jax.P("context"))
+    )
+    hop = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.ppermute(x, "context", [(i, (i + 1) % n) for i in range(n)]),
+            mesh=mesh, in_specs=jax.P("context"), out_specs=jax.P("context"),
+        )
+    )  # fmt: skip
+    jax.block_until_ready(hop(x))
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x = hop(x)
+    jax.block_until_ready(x)
+    link = 5 * mib * 2**20 / (time.perf_counter() - t0)
+    return costs.Hardware(flops_per_s=flops / best, link_bytes_per_s=link, step_latency_s=1e-4)
+
+
+def dry_run(cache_len, num_devices, chunk_len, shape: Shape):
+    """Compiled (never run) chunk steps against a cache of `cache_len` tokens on each device
+    count: the cache per device and each strategy's temporaries per device."""
+    rows = []
+    dt = jnp.dtype(shape.dtype)
+    for n in num_devices:
+        mesh = _mesh(n)
+        abstract = jax.eval_shape(
+            functools.partial(
+                cache_lib.init_cache, "full", 1, cache_len, shape.kv_heads, shape.head_dim, dt,
+                layout="striped", num_shards=n,
+            )
+        )  # fmt: skip
+        q = jax.ShapeDtypeStruct((1, chunk_len, shape.heads, shape.head_dim), dt)
+        kv = jax.ShapeDtypeStruct((1, chunk_len, shape.kv_heads, shape.head_dim), dt)
+        pos = jax.ShapeDtypeStruct((1, chunk_len), jnp.int32)
+        row = dict(devices=n, cache_len=cache_len, chunk=chunk_len)
+        row["cache_mib_per_device"] = cache_lib.cache_bytes(abstract) / n / 2**20
+        for strategy in ("pass_kv", "pass_q", "decode"):
+            fn = _program(mesh, strategy, shape.layout, None)
+            t0 = time.perf_counter()
+            mem = fn.lower(q, kv, kv, pos, abstract).compile().memory_analysis()
+            row[f"{strategy}_temp_mib"] = mem.temp_size_in_bytes / 2**20
+            row[f"{strategy}_compile_s"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
+
+
+def markdown(rows, dry):
+    out = []
+    if rows:
+        out += [
+            "| devices | cached | chunk | chunk/cache | pass_kv tok/s | pass_q tok/s | "
+            "decode tok/s | temp MiB/dev kv / q / decode | winner | model | agrees |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            tps = " | ".join(
+                f"{r[f'{s}_tokens_per_s']:.0f}" for s in ("pass_kv", "pass_q", "decode")
+            )
+            mem = " / ".join(f"{r[f'{s}_temp_mib']:.1f}" for s in ("pass_kv", "pass_q", "decode"))
+            out.append(
+                f"| {r['devices']} | {r['cached']} | {r['chunk']} | {r['ratio']:.3g} | {tps} | "
+                f"{mem} | {r['winner']} | {r['model_choice']} | {r['model_agrees']} |"
+            )
+    if dry:
+        out += [
+            "",
+            "| devices | cache tokens | chunk | cache MiB/dev | temp MiB/dev pass_kv / pass_q / "
+            "decode |",
+            "| ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in dry:
+            mem = " / ".join(f"{r[f'{s}_temp_mib']:.1f}" for s in ("pass_kv", "pass_q", "decode"))
+            out.append(
+                f"| {r['devices']} | {r['cache_len']} | {r['chunk']} | "
+                f"{r['cache_mib_per_device']:.1f} | {mem} |"
+            )
+    return "\n".join(out)
