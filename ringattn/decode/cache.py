@@ -249,7 +249,15 @@ def write(cache: KVCache, k_new, v_new, pos_new, shard=0):
     rows = jnp.arange(idx.shape[0])[:, None]
 
     def put(x, new):
-        return x.at[rows, idx].set(new.astype(x.dtype), mode="drop")
+        new = new.astype(x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+            # Narrow floats scatter as their bits: XLA:CPU would widen the whole cache to f32
+            # and back around a bf16 scatter (a copy of it twice the size); elsewhere it is free.
+            bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+            as_bits = lambda a: jax.lax.bitcast_convert_type(a, bits)  # noqa: E731
+            out = as_bits(x).at[rows, idx].set(as_bits(new), mode="drop")
+            return jax.lax.bitcast_convert_type(out, x.dtype)
+        return x.at[rows, idx].set(new, mode="drop")
 
     if cache.quantized:
         (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)

@@ -71,10 +71,31 @@ class Queries(NamedTuple):
     seg: jax.Array
 
 
-def _pass(cfg, qu: Queries, q_seg, k, v, kpos, kseg, state):
-    """cfg.kernel's forward pass of the queries over k/v, unless the mask rules all of it out."""
+class Keys(NamedTuple):
+    """A source prepared once for its kernel passes (what pass_kv sends): each part as
+    base.prepare_kv leaves it, (k_, v_, positions, segments) in the kernel's storage, padded to
+    whole blocks, segments marking empty slots and padding (_NO_KEY); `cached` None: no cache."""
+
+    cached: tuple | None
+    chunk: tuple
+
+
+def _keys(cfgs, src: Source) -> Keys:
+    cached_cfg, chunk_cfg = cfgs
+    cached = None
+    if src.cached is not None:
+        k, v = cache_lib.cache_kv(src.cached, cached_cfg.dtype)  # int8: dequantised once
+        held = jnp.where(src.cached.pos >= 0, 1, _NO_KEY)  # any document sees the cache
+        cached = base.prepare_kv(cached_cfg, k, v, src.cached.pos, held)
+    seg = jnp.where(src.pos >= 0, src.seg, _NO_KEY)
+    return Keys(cached, base.prepare_kv(chunk_cfg, src.k, src.v, src.pos, seg))
+
+
+def _pass(cfg, qu: Queries, q_seg, keys, state):
+    """cfg.kernel's forward pass of the queries over prepared keys, unless the mask rules all
+    of them out."""
+    k_, v_, kpos, kseg = keys
     qs = base.make_side(qu.pos, q_seg, cfg.block_q)
-    k_, v_, kpos, kseg = base.prepare_kv(cfg, k, v, kpos, kseg)
     ks = base.kv_side(cfg, kpos, kseg)
     return lax.cond(
         ring.visible(cfg, qs, ks),
@@ -84,18 +105,19 @@ def _pass(cfg, qu: Queries, q_seg, k, v, kpos, kseg, state):
     )
 
 
-def _attend(cfgs, qu: Queries, src: Source, state):
+def _attend(cfgs, qu: Queries, keys: Keys, state):
     """Continue the queries' state over a source: its cached tokens, then its chunk tokens."""
-    cached_cfg, chunk_cfg = cfgs
     is_query = qu.pos >= 0
-    if src.cached is not None:
-        k, v = cache_lib.cache_kv(src.cached, cached_cfg.dtype)
-        held = jnp.where(src.cached.pos >= 0, 1, _NO_KEY)  # any document sees the cache
-        q_seg = jnp.where(is_query, 1, _NO_QUERY)
-        state = _pass(cached_cfg, qu, q_seg, k, v, src.cached.pos, held, state)
-    q_seg = jnp.where(is_query, qu.seg, _NO_QUERY)
-    k_seg = jnp.where(src.pos >= 0, src.seg, _NO_KEY)
-    return _pass(chunk_cfg, qu, q_seg, src.k, src.v, src.pos, k_seg, state)
+    if keys.cached is not None:
+        state = _pass(cfgs[0], qu, jnp.where(is_query, 1, _NO_QUERY), keys.cached, state)
+    return _pass(cfgs[1], qu, jnp.where(is_query, qu.seg, _NO_QUERY), keys.chunk, state)
+
+
+def _chunk_tokens(cfg, keys: Keys, length):
+    """The chunk's (k, v, positions) [B, length ...] back from its prepared form (to write)."""
+    k_, v_, pos, _ = keys.chunk
+    back = lambda x: x if x.dtype == cfg.dtype else lax.bitcast_convert_type(x, cfg.dtype)  # noqa: E731
+    return back(k_[:, :length]), back(v_[:, :length]), pos[:, :length]
 
 
 def prefix(cache, bound, n):
@@ -134,41 +156,36 @@ def run(fn, strategy, opts, q, src: Source, cache, sinks, axis_name):
     """(out [B, t, H, Dv] in q's dtype, lse [B, H, t] f32, cache): the strategy's loop."""
     n = 1 if axis_name is None else lax.axis_size(axis_name)
     index = 0 if axis_name is None else lax.axis_index(axis_name)
-    kh, t = src.k.shape[2], q.shape[1]
+    kh, t, c = src.k.shape[2], q.shape[1], src.k.shape[1]
+    q_all, pos_all, seg_all = q, src.pos, src.seg
     if strategy == "decode" and n > 1:
         q_all, pos_all, seg_all = _gather((q, src.pos, src.seg), axis_name)
-        cfgs = _configs(fn, opts, q_all, src)
-        qu = _queries(cfgs[1], q_all, pos_all, seg_all, kh)
-        kern, cfg = cfgs[1].kernel, cfgs[1]
-        state = _attend(cfgs, qu, src, kern.init_state(cfg, qu.q_, src.v))
-        o, lse = kern.finish_fwd(cfg, q_all, state)
+    cfgs = _configs(fn, opts, q_all, src)
+    kern, cfg = cfgs[1].kernel, cfgs[1]
+    qu = _queries(cfg, q_all, pos_all, seg_all, kh)
+    keys = _keys(cfgs, src)
+    state = kern.init_state(cfg, qu.q_, src.v)
+    if strategy == "pass_kv" and n > 1:
+
+        def step(keys, carry):  # the visiting chunk tokens this device owns go in its cache
+            state, cache = carry
+            cache = cache_lib.write(cache, *_chunk_tokens(cfg, keys, c), shard=index)
+            return _attend(cfgs, qu, keys, state), cache
+
+        plan = ring.RingPlan(0, n)
+        state, cache = ring.ring_loop(n, axis_name, plan, step, keys, (state, cache))
+    elif strategy == "pass_q" and n > 1:
+
+        def step(qu, carry):
+            return (_attend(cfgs, qu, keys, carry[0]),)
+
+        plan = ring.RingPlan(0, n)
+        (state,) = ring.ring_loop(n, axis_name, plan, step, qu, (state,), send_carry=True)
+    else:  # decode, or one device: one step
+        state = _attend(cfgs, qu, keys, state)
+    o, lse = kern.finish_fwd(cfg, q_all, state)
+    if strategy == "decode" and n > 1:
         o, lse = _merge_own_rows(o, lse, axis_name, index, t)
-    else:
-        cfgs = _configs(fn, opts, q, src)
-        kern, cfg = cfgs[1].kernel, cfgs[1]
-        qu = _queries(cfg, q, src.pos, src.seg, kh)
-        state = kern.init_state(cfg, qu.q_, src.v)
-        if strategy == "pass_kv" and n > 1:
-
-            def step(src, carry):
-                state, cache = carry
-                cache = cache_lib.write(cache, src.k, src.v, src.pos, shard=index)
-                return _attend(cfgs, qu, src, state), cache
-
-            state, cache = ring.ring_loop(
-                n, axis_name, ring.RingPlan(0, n), step, src, (state, cache)
-            )
-        elif strategy == "pass_q" and n > 1:
-
-            def step(qu, carry):
-                return (_attend(cfgs, qu, src, carry[0]),)
-
-            (state,) = ring.ring_loop(
-                n, axis_name, ring.RingPlan(0, n), step, qu, (state,), send_carry=True
-            )
-        else:  # one device: one step
-            state = _attend(cfgs, qu, src, state)
-        o, lse = kern.finish_fwd(cfg, q, state)
     if strategy != "pass_kv" or n == 1:
         new = (src.k, src.v, src.pos) if n == 1 else _gather((src.k, src.v, src.pos), axis_name)
         cache = cache_lib.write(cache, *new, shard=index)

@@ -23,6 +23,7 @@ from jax import lax
 from ringattn.attention import inputs, masks
 from ringattn.attention.blockwise import exact_attention, make_config
 from ringattn.attention.kernels import base
+from ringattn.attention.kernels.xla import to_storage
 from ringattn.parallel import layouts
 
 
@@ -67,8 +68,13 @@ def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
 
 def send(tree, axis_name, n, shift=1):
     """Send every array of `tree` from each device r to r + shift. Narrow floats travel as bits
-    (the XLA kernel's storage), which also keeps XLA:CPU from widening them."""
-    return lax.ppermute(tree, axis_name, perm=[(i, (i + shift) % n) for i in range(n)])
+    (as the XLA kernel stores them), which keeps XLA:CPU from widening them to f32."""
+    leaves, treedef = jax.tree.flatten(tree)
+    bits = [to_storage(x) for x in leaves]
+    bits = lax.ppermute(bits, axis_name, perm=[(i, (i + shift) % n) for i in range(n)])
+    out = [b if b.dtype == x.dtype else lax.bitcast_convert_type(b, x.dtype)
+           for b, x in zip(bits, leaves, strict=True)]  # fmt: skip
+    return jax.tree.unflatten(treedef, out)
 
 
 def visible(cfg, qs: base.Side, ks: base.Side):
