@@ -52,6 +52,16 @@ class MaskKind:
         return "mask: " + (", ".join(parts) or "none")
 
 
+# One of each mask kind, by name: what a kernel's code paths differ by (tests, gpu_check --lower).
+MASK_KINDS = {
+    "none": MaskKind(),
+    "causal": MaskKind(causal=True),
+    "window": MaskKind(window=True),
+    "segments": MaskKind(causal=True, segments=True),
+    "soft cap": MaskKind(causal=True, soft_cap=30.0),
+}
+
+
 def _problem(kind: MaskKind, t):
     """A small self-attention problem of this kind (t tokens): spec and mask arrays. Queries and
     keys share positions, so library kernels see the steps they run (unmasked, causal diagonal)."""

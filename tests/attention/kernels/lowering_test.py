@@ -29,13 +29,7 @@ from ringattn.attention.target import Call, custom_calls
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 TRITON, MOSAIC = "__gpu$xla.gpu.triton", "tpu_custom_call"
 CUDNN_FWD, CUDNN_BWD = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
-MASKS = {
-    "none": probe.MaskKind(),
-    "causal": probe.MaskKind(causal=True),
-    "window": probe.MaskKind(window=True),
-    "segments": probe.MaskKind(causal=True, segments=True),
-    "soft cap": probe.MaskKind(causal=True, soft_cap=30.0),
-}
+MASKS = probe.MASK_KINDS
 # The passes probe.lower traces: the forward fresh (twice: the whole keys, then their first
 # half) and continuing a state (in place), dK/dV and dQ fresh and continuing gradients.
 PALLAS_PASSES = collections.Counter(
