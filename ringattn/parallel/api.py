@@ -54,7 +54,7 @@ def _run_mesh(mesh, *arrays):
 def _platform(mesh):
     """The platform the kernels are chosen for: the lowering target (target.py), else the
     mesh's."""
-    return dispatch.kind(target.current() or mesh.devices.flat[0].platform)
+    return dispatch.platform_of(target.current() or mesh.devices.flat[0].platform)
 
 
 def _axis_names(fn, mesh, axis_name):

@@ -67,8 +67,8 @@ class Call:
         return self.target is not None
 
 
-def kind(name):
-    """'gpu' for the GPU platforms' names, the name otherwise."""
+def platform_of(name):
+    """A JAX platform or device name as `platform` gives it: 'gpu' for the GPU platforms."""
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
@@ -77,10 +77,10 @@ def platform():
     of the lowering target (target.py) when one is set, else of the mesh traced under, else the
     default backend."""
     if target.current() is not None:
-        return kind(target.current())
+        return platform_of(target.current())
     mesh = jax.sharding.get_abstract_mesh()
     device = getattr(mesh, "abstract_device", None)
-    return kind(getattr(device, "platform", None) or jax.default_backend())
+    return platform_of(getattr(device, "platform", None) or jax.default_backend())
 
 
 @functools.cache
