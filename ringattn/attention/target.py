@@ -12,8 +12,8 @@ is skipped. So
         lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",))
 
 gives the program a TPU would run, with the kernels kernel="auto" would pick there. Such a
-program is for lowering (and exporting) only: compiled here, it fails on the first kernel call
-of the other platform.
+program is for lowering only (jax.export too, which refuses Triton calls unless told not to
+check them): run here, it fails where the other platform's kernels are lowered for this one.
 
 The target is a JAX user context (`jax.make_user_context`): part of the key of every jitted
 function's caches, so a function traced for one target (or for none) is traced again for
