@@ -60,7 +60,7 @@ def _case(kern, mask="causal", dtype=BF16, d=128, dv=None, t=None):
 
 def _matrix(kern, dims, dtypes):
     """Every head dim with every dtype (causal), then every mask kind (bf16, D = 128)."""
-    cases = [_case(kern, "causal", t, d) for d, t in itertools.product(dims, dtypes)]
+    cases = [_case(kern, "causal", dtype, d) for d, dtype in itertools.product(dims, dtypes)]
     return cases + [_case(kern, m) for m in MASKS if m != "causal"]
 
 
