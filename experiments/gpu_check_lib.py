@@ -21,19 +21,53 @@ import numpy as np
 
 import ringattn
 from ringattn.attention import blockwise, inputs
-from ringattn.attention.kernels import base, cudnn, dispatch
+from ringattn.attention.kernels import base, cudnn, dispatch, splash
 from ringattn.attention.kernels.cudnn import Cudnn
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
+from ringattn.attention.kernels.splash import PallasTpu
 
 FN = "gpu_check"
 TOL = 2e-2  # max |got - want| / max |want| of bf16 results against the f32 reference
 GRADS = ("out", "lse", "dq", "dk", "dv")
-# (what, timed path, least ratio to cuDNN) on bf16, D = 128, causal fwd+bwd, 8K <= T <= 32K.
-TARGETS = (
-    ("our Pallas", "pallas", 0.6),
-    ("auto (blockwise)", "auto", 0.85),
-    ("auto (2-step emulated ring)", "ring2 auto", 0.85),
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What a run checks on one kind of hardware: the paths of stage 1, those timed in stage 2,
+    the timed baseline (JAX's own fused attention there) and the targets, (what, timed path,
+    least ratio to the baseline) on bf16, D = 128, causal fwd+bwd, T in TARGET_LENS."""
+
+    check_paths: tuple[str, ...]
+    time_paths: tuple[str, ...]
+    baseline: str
+    baseline_label: str
+    targets: tuple[tuple[str, str, float], ...]
+
+
+HARDWARE = {
+    "cuda": Hardware(
+        check_paths=("pallas", "cudnn", "auto", "ring2 pallas", "ring2 auto"),
+        time_paths=("jax cudnn", "cudnn", "pallas", "auto", "ring2 auto", "xla1024"),
+        baseline="jax cudnn",
+        baseline_label="cuDNN",
+        targets=(
+            ("our Pallas", "pallas", 0.6),
+            ("auto (blockwise)", "auto", 0.85),
+            ("auto (2-step emulated ring)", "ring2 auto", 0.85),
+        ),
+    ),
+    # The GPU targets' analogue: auto (our splash path) loses little to splash on its own.
+    "tpu": Hardware(
+        check_paths=("splash", "auto", "ring2 splash", "ring2 auto"),
+        time_paths=("jax splash", "splash", "auto", "ring2 auto", "xla512"),
+        baseline="jax splash",
+        baseline_label="splash",
+        targets=(
+            ("auto (blockwise)", "auto", 0.85),
+            ("auto (2-step emulated ring)", "ring2 auto", 0.85),
+        ),
+    ),
+}
 TARGET_LENS = (8192, 32768)
 
 
@@ -50,6 +84,7 @@ class Report:
         self.start = time.perf_counter()
         self.failures = []
         self.figures = {"meta": {}, "calls": [], "checks": [], "timing": [], "targets": []}
+        self.figures["lower"] = []
         self.dir = out_dir
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
@@ -287,11 +322,34 @@ def _dense(impl):
     return attn
 
 
+def _jax_splash(interpret):
+    """JAX's splash attention on its own (no lse; K/V heads repeated to H): the TPU baseline."""
+
+    def attn(q, k, v, causal=False):
+        sk, sm = splash._modules()
+        h, d = q.shape[2:]
+        one = (sm.CausalMask if causal else sm.FullMask)((q.shape[1], k.shape[1]))
+        with jax.ensure_compile_time_eval():  # concrete mask tables
+            kern = sk.make_splash_mha(
+                sm.MultiHeadMask([one] * h), head_shards=1, q_seq_shards=1, interpret=interpret
+            )
+        q = q * jnp.asarray(d**-0.5, q.dtype)  # splash takes no scale
+        q, k, v = (jnp.swapaxes(jnp.repeat(x, h // x.shape[2], axis=2), 1, 2) for x in (q, k, v))
+        return jnp.swapaxes(jax.vmap(kern)(q, k, v), 1, 2), None  # [B, H, T, D] and back
+
+    return attn
+
+
 def paths(interpret):
     """Every path by name, those that cannot run here with the reason."""
-    on_gpu = dispatch.platform() == "gpu"
-    pallas = PallasGpu(interpret=interpret)
-    no_pallas = None if (on_gpu or interpret) else "our Pallas kernel needs a GPU (or --interpret)"
+    on = dispatch.platform()
+    pallas, tpu = PallasGpu(interpret=interpret), PallasTpu(interpret=interpret)
+    no_pallas = (
+        None if (on == "gpu" or interpret) else "our Pallas kernel needs a GPU (or --interpret)"
+    )
+    no_splash = (
+        None if (on == "tpu" or interpret) else "splash attention needs a TPU (or --interpret)"
+    )
     no_cudnn = cudnn.unavailable_reason()
     return {
         p.name: p
@@ -301,8 +359,12 @@ def paths(interpret):
             Path("auto", _blockwise("auto"), dlse=False),
             Path("ring2 pallas", _ring(pallas), no_pallas),
             Path("ring2 auto", _ring("auto"), dlse=False),
+            Path("splash", _blockwise(tpu), no_splash, dlse=False),  # 0: splash's backward
+            Path("ring2 splash", _ring(tpu), no_splash, dlse=False),
             Path("xla1024", _blockwise("xla", block_q=1024, block_k=1024)),
+            Path("xla512", _blockwise("xla", block_q=512, block_k=512)),
             Path("jax cudnn", _dense("cudnn"), no_cudnn),
+            Path("jax splash", _jax_splash(interpret), no_splash),
             Path("jax xla", _dense("xla")),
         )
     }

@@ -158,9 +158,10 @@ def _run_call(rep, where, label, fn, p, want):
     rep.record("calls", where=where, status=status, compile_s=compile_s, errors=errors)
 
 
-def stage_calls(rep, shape, mask_kinds, interpret):
+def stage_calls(rep, shape, mask_kinds, interpret, hardware="cuda"):
     """Stage 0: each kernel call compiled and run on its own at one small shape, per mask kind
-    ("none", "causal"), against the f32 reference, so that a failure names the call."""
+    ("none", "causal"), against the f32 reference, so that a failure names the call: our Pallas
+    kernel's and cuDNN's for "cuda", splash attention's for "tpu"."""
     shp = shape_str(*shape)
     rep.line(
         f"== stage 0 [{rep.elapsed():.0f} s]: every kernel call on its own, vs the f32 reference "
@@ -170,12 +171,13 @@ def stage_calls(rep, shape, mask_kinds, interpret):
     kernels = (
         ("pallas", PallasGpu(interpret=interpret), pallas_calls),
         ("cudnn", Cudnn(), cudnn_calls),
-        ("splash", splash.PallasTpu(), fused_calls),
+        ("splash", splash.PallasTpu(interpret=interpret and hardware == "tpu"), fused_calls),
     )
+    kernels = kernels[2:] if hardware == "tpu" else kernels
     na = {
         "pallas": None if on == "gpu" or interpret else f"needs a GPU (platform {on})",
         "cudnn": cudnn.unavailable_reason(),
-        "splash": None if on == "tpu" else f"not a TPU (platform {on})",
+        "splash": None if on == "tpu" or kernels[-1][1].interpret else f"not a TPU (platform {on})",
     }
     for mask in mask_kinds:
         causal = mask == "causal"
@@ -325,7 +327,7 @@ def _interleaved(calls, iters):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _time_group(rep, group, shape, data, names, iters, interpret):
+def _time_group(rep, group, shape, data, names, iters, interpret, baseline):
     """Compile, run once and time every path of one (mask, T, mode); lines and rows."""
     (b, t, h, _, d), (mask, mode) = shape, group
     args = [data[x] for x in ("q", "k", "v", "do")[: 3 if mode == "fwd" else 4]]
@@ -356,20 +358,20 @@ def _time_group(rep, group, shape, data, names, iters, interpret):
         rep.line(f"  {head} FAILED while timing [stage 2, {shape_str(*shape)}] {times}")
         rep.fail(f"stage 2, timing, {head}", times)
         return rep.record("timing", mask=mask, T=t, mode=mode, status="FAILED", error=times)
-    base_s = times.get("jax cudnn")
+    base_s = times.get(baseline)
     for name, sec in times.items():
         tflops = flops(b, h, d, t, mask, mode) / sec / 1e12
         ratio = base_s / sec if base_s else None
-        vs = f"{ratio:5.2f}x cuDNN" if ratio else ""
+        vs = f"{ratio:5.2f}x {baseline.removeprefix('jax ')}" if ratio else ""
         rep.line(f"  {head} {name:12s} {sec * 1e3:9.3f} ms {tflops:7.2f} TFLOP/s {vs}")
         row = dict(mask=mask, T=t, mode=mode, path=name, status="ok", ms=sec * 1e3)
         rep.record("timing", **row, tflops=tflops, ratio=ratio)
 
 
-def stage_timing(rep, shape, lens, names, iters, budget_s, interpret):
+def stage_timing(rep, shape, lens, names, iters, budget_s, interpret, baseline="jax cudnn"):
     """Stage 2: fwd and fwd+bwd, causal and unmasked, every path; TFLOP/s and the ratio of
-    throughput to jax.nn's cuDNN attention. Groups that would start past `budget_s` (seconds
-    since the start) are not run."""
+    throughput to the `baseline` path's (JAX's own fused attention). Groups that would start
+    past `budget_s` (seconds since the start) are not run."""
     b, h, kh, d = shape
     rep.line(
         f"== stage 2 [{rep.elapsed():.0f} s]: timing (bf16, B={b} H={h} K={kh} D={d}; median of "
@@ -383,4 +385,4 @@ def stage_timing(rep, shape, lens, names, iters, budget_s, interpret):
                 rep.line(f"  {group[0]:6s} T={t:<6d} {group[1]:6s} n/a: {why}")
                 rep.record("timing", mask=group[0], T=t, mode=group[1], status="n/a", why=why)
                 continue
-            _time_group(rep, group, (b, t, h, kh, d), data, names, iters, interpret)
+            _time_group(rep, group, (b, t, h, kh, d), data, names, iters, interpret, baseline)

@@ -2,6 +2,7 @@
 
 from ringattn.attention.blockwise import blockwise_attention
 from ringattn.attention.reference import reference_attention
+from ringattn.attention.target import target_platform
 from ringattn.parallel.allgather import allgather_attention
 from ringattn.parallel.api import context_parallel_attention
 from ringattn.parallel.compat import ring_attention_original_api
@@ -38,6 +39,7 @@ __all__ = [
     "reference_attention",
     "ring_attention",
     "ring_attention_original_api",
+    "target_platform",
     "tile_schedule",
     "to_layout",
     "ulysses_attention",

@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import types
+import warnings
 
 import jax
 
@@ -43,6 +44,7 @@ import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ringattn  # noqa: E402
+from ringattn.attention import target  # noqa: E402
 
 # Relative tolerances against the float64 reference (max |err| / max |ref|).
 TOL = {np.dtype(np.float32): 2e-5, np.dtype(jnp.bfloat16): 2e-2, np.dtype(np.float64): 1e-12}
@@ -194,6 +196,30 @@ def largest_buffer(text):
 
 
 # ---------------------------------------------------------------------------------------------
+# Lowering for another platform.
+
+
+def lowered_calls(platform, fn, *args):
+    """The custom calls (target.custom_calls) of jax.jit(fn) traced under
+    ringattn.target_platform(platform) and lowered for it; a RuntimeWarning while tracing (the
+    kernel choice's: a kernel skipped, a path missing, an interpreter) is an error."""
+    with ringattn.target_platform(platform), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+    return target.custom_calls(lowered.as_text())
+
+
+@pytest.fixture
+def cudnn_stand_in(monkeypatch):
+    """A cuDNN version (9.1) where JAX reads the local one while tracing its cuDNN attention:
+    from its CUDA plugin, which a CPU machine lacks (then nothing of cuDNN can be traced). With
+    it the cuDNN path traces and lowers for CUDA here; what cuDNN itself accepts is unchecked.
+    Programs traced with it are cached like any: a test without it lowers other shapes."""
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90100)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fixtures.
 
 
@@ -218,6 +244,7 @@ def helpers():
         "hlo_shapes",
         "square_buffers",
         "largest_buffer",
+        "lowered_calls",
         "TOL",
     )
     return types.SimpleNamespace(**{name: globals()[name] for name in names})

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ringattn.attention import inputs
+from ringattn.attention import inputs, target
 from ringattn.attention.kernels import dispatch
 from ringattn.parallel import allgather, costs, hybrid, layouts, ring, ulysses
 
@@ -49,6 +49,12 @@ def _run_mesh(mesh, *arrays):
         return mesh
     auto = (AxisType.Auto,) * len(mesh.axis_names)
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def _platform(mesh):
+    """The platform the kernels are chosen for: the lowering target (target.py), else the
+    mesh's."""
+    return dispatch.platform_of(target.current() or mesh.devices.flat[0].platform)
 
 
 def _axis_names(fn, mesh, axis_name):
@@ -156,7 +162,8 @@ def context_parallel_attention(
     i % n_u), or "auto" (`costs.choose_strategy` picks one from the shapes and the mesh).
 
     kernel: the single-device kernel each device runs ("auto", "xla", "pallas_gpu", "cudnn",
-    "pallas_tpu" or a kernel object, see `blockwise_attention`), chosen for the mesh's platform.
+    "pallas_tpu" or a kernel object, see `blockwise_attention`), chosen for the mesh's platform
+    (or the lowering target, `ringattn.target_platform`).
     `logits_soft_cap` and `sinks` [H] as in `reference_attention`.
     """
     args = locals()  # the call's arguments, before any other name is bound
@@ -245,5 +252,5 @@ def _sharded(plan: _Plan, q, k, v, m, sinks):
         mesh=mesh,
         in_specs=(qkv, qkv, qkv, specs, sinks_spec),
         out_specs=(qkv, P(plan.batch_axes, plan.head_axes, seq_axes)),
-        check_vma=not dispatch.needs_vma_off(plan.opts.kernel, mesh.devices.flat[0].platform),
+        check_vma=not dispatch.needs_vma_off(plan.opts.kernel, _platform(mesh)),
     )(q, k, v, m, sinks)

@@ -1,6 +1,7 @@
-"""experiments/gpu_check.py: end to end on the CPU (--interpret --quick) as a subprocess from a
-copy of the checkout where nothing of ours is importable, so only the script's own sys.path set-up
-can find ringattn (as on a GPU machine with JAX alone); and its failure reporting, in-process."""
+"""experiments/gpu_check.py: end to end on the CPU (--interpret --quick, and --lower --quick
+with nothing but JAX importable) as a subprocess from a copy of the checkout where nothing of
+ours is importable, so only the script's own sys.path set-up can find ringattn (as on a GPU
+machine with JAX alone); and its failure reporting, in-process."""
 
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -26,24 +28,43 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+# Nothing importable from site-packages but JAX and its dependencies (as on a machine with `pip
+# install jax` alone; the checkout is found by the script): other packages raise
+# ModuleNotFoundError.
+JAX_ALONE = """\
+import importlib.machinery, sys, sysconfig
+SITE = tuple(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+JAX = ("jax", "jaxlib", "ml_dtypes", "numpy", "opt_einsum", "scipy")
+class JaxAlone:
+    def find_spec(self, name, path=None, target=None):
+        if "." in name or name in JAX:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and (spec.origin or "").startswith(SITE):
+            raise ModuleNotFoundError(f"No module named {name!r} (JAX alone)", name=name)
+sys.meta_path.insert(0, JaxAlone())
+"""
 
 
-@pytest.fixture(scope="module")
-def bare_run(tmp_path_factory):
-    """(completed process, checkout copy, --out dir) of --interpret --quick from the copy."""
-    tmp = tmp_path_factory.mktemp("gpu_check")
+def _run_bare(tmp, *args, prelude=""):
+    """(completed process, checkout copy, --out dir) of gpu_check.py `args` from a copy."""
     checkout, out = tmp / "checkout", tmp / "out"
     for name in ("ringattn", "experiments"):
         ignore = shutil.ignore_patterns("__pycache__", "results")
         shutil.copytree(os.path.join(ROOT, name), checkout / name, ignore=ignore)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "XLA_", "JAX_"))}
     script = str(checkout / "experiments" / "gpu_check.py")
-    cmd = [sys.executable, "-I", "-c", BARE, script, "--interpret", "--quick", f"--out={out}"]
+    cmd = [sys.executable, "-I", "-c", prelude + BARE, script, *args, f"--out={out}"]
     proc = subprocess.run(
         cmd, cwd=tmp, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=900,
     )  # fmt: skip
     return proc, checkout, out
+
+
+@pytest.fixture(scope="module")
+def bare_run(tmp_path_factory):
+    return _run_bare(tmp_path_factory.mktemp("gpu_check"), "--interpret", "--quick")
 
 
 def _lines(proc, pattern):
@@ -116,3 +137,71 @@ def test_exit_status_is_1_when_anything_failed(tmp_path, monkeypatch):
     assert text[-2].startswith("RESULT: FAIL, 1 failed")
     assert text[-1] == "  FAILED stage 0, x: ValueError: y"
     assert json.loads((tmp_path / "gpu_check.json").read_text())["meta"]["result"] == "FAIL"
+
+
+def test_lower_quick_from_a_bare_checkout_with_jax_alone(tmp_path):
+    """--lower --quick on this CPU with nothing but JAX importable: every fused kernel's passes
+    and the whole programs lower for CUDA (Triton calls) and TPU (Mosaic calls); cuDNN and the
+    LM's train step (flax) are n/a, said so."""
+    proc, _, out = _run_bare(tmp_path, "--lower", "--quick", prelude=JAX_ALONE)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.splitlines()[0].startswith("gpu_check: lower, quick;")
+    for mask in ("none", "causal", "window", "segments", "soft cap"):
+        line = rf"  cuda pallas passes, {mask}, bfloat16, D=128 +ok .* ringattn_dq \(in place\) x1"
+        assert len(_lines(proc, line)) == 1, mask
+    for mask in ("none", "causal", "window", "segments"):
+        assert len(_lines(proc, rf"  tpu  splash passes, {mask}, .* ok .* splash_mqa_dq_")) == 1
+    assert len(_lines(proc, r"  tpu  splash passes, soft cap, .* n/a: .*soft cap")) == 1
+    assert len(_lines(proc, r"  cuda cudnn passes \(every case\) +n/a: cuDNN not detected")) == 1
+    for strategy in ("ring", "allgather", "ulysses", "hybrid"):
+        label = rf"{strategy} fwd\+bwd \(8 devices\) +ok "
+        assert len(_lines(proc, rf"  cuda {label}.*ringattn_fwd.*")) == 1, strategy
+        assert len(_lines(proc, rf"  tpu  {label}.*splash_mqa_fwd.*")) == 1, strategy
+    assert len(_lines(proc, r"  (cuda|tpu ) LM train step, impl=ring +n/a: needs flax")) == 2
+    assert "FAILED" not in proc.stdout and "targets" not in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("RESULT: PASS, 0 failed")
+    rows = json.loads((out / "gpu_check.json").read_text())["lower"]
+    assert [r["status"] for r in rows].count("ok") == 6 + 4 + 2 * 5  # passes, programs
+
+
+def test_a_lowered_program_without_its_kernels_fails(tmp_path, monkeypatch):
+    """A program that lowers but calls none of the kernels expected (fell back to XLA) is one
+    FAILED line naming what is missing, like one that does not lower."""
+    lower = _load(monkeypatch, "gpu_check_lower")
+    rep = _load(monkeypatch, "gpu_check_lib").Report(str(tmp_path))
+    lower._line(rep, "tpu", "ring fwd+bwd", lambda: "%0 = stablehlo.add %a, %a", lower.SPLASH)
+    lower._line(rep, "tpu", "ulysses fwd+bwd", lambda: 1 / 0, lower.SPLASH)
+    assert [f.split(": ", 1)[0] for f in rep.failures] == [
+        "lower, tpu, ring fwd+bwd",
+        "lower, tpu, ulysses fwd+bwd",
+    ]
+    assert (
+        "lowered without ['splash_mqa_fwd', 'splash_mqa_dkv', 'splash_mqa_dq']" in rep.failures[0]
+    )
+    assert rep.failures[1].endswith("ZeroDivisionError: division by zero")
+    assert [r["status"] for r in rep.figures["lower"]] == ["FAILED", "FAILED"]
+
+
+def test_tpu_mode_checks_splash_calls_and_its_baseline(tmp_path, monkeypatch, capsys):
+    """--platform=tpu (in the TPU interpreter here): stage 0 runs splash attention's calls
+    through our splash path, none of the GPU kernels'; the timing baseline, JAX's splash on its
+    own, agrees with the f32 reference."""
+    gpu_check = _load(monkeypatch, "gpu_check")
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main replaces it
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --interpret adds flags
+    argv = ["--platform=tpu", "--interpret", "--quick", "--stages=calls", f"--out={tmp_path}"]
+    assert gpu_check.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gpu_check: tpu checks, quick, interpret;")
+    for call in ("fwd", "bwd"):
+        assert len(re.findall(rf"\n  splash {call} causal +ok  ", out)) == 1, out
+    assert "pallas" not in out and "cudnn" not in out
+    assert "  auto (blockwise) >= 0.85x splash " in out  # the TPU's targets
+
+    lib = gpu_check.lib
+    data = lib.make_data(1, 128, 2, 1, 32)
+    q, k, v = (data[x] for x in "qkv")
+    want = lib.reference(data, {"causal": True}, jnp.zeros((1, 2, 128), jnp.float32))[0]
+    baseline = lib.paths(interpret=True)[lib.HARDWARE["tpu"].baseline].attn
+    got, lse = jax.jit(lambda q, k, v: baseline(q, k, v, causal=True))(q, k, v)
+    assert lse is None and lib.rel_errors([got], [want])[0] <= lib.TOL

@@ -71,14 +71,30 @@ def _api_problem(fa):
     return None
 
 
-@functools.cache
-def unavailable_reason() -> str | None:
-    """None if the cuDNN path can run here, else why not (checked once per process)."""
+def _version_problem(fa):
+    """Why the cuDNN this JAX reads (from its CUDA plugin) cannot run the path (None: it can)."""
+    try:
+        version = fa.check_cudnn_version()
+    except Exception as e:  # noqa: BLE001
+        return f"cuDNN not detected ({e!r})"
+    if version < MIN_CUDNN_VERSION:
+        return f"cuDNN {version} is older than {MIN_CUDNN_VERSION}"
+    return None
+
+
+def _module_problem():
+    """(the private module, None) or (None, why it cannot be used)."""
     try:
         fa = _module()
     except Exception as e:  # noqa: BLE001 - any import failure means: not available
-        return f"cannot import jax._src.cudnn.fused_attention_stablehlo ({e!r})"
-    why = _api_problem(fa)
+        return None, f"cannot import jax._src.cudnn.fused_attention_stablehlo ({e!r})"
+    return fa, _api_problem(fa)
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None if the cuDNN path can run here, else why not (checked once per process)."""
+    fa, why = _module_problem()
     if why is not None:
         return why
     try:
@@ -87,20 +103,34 @@ def unavailable_reason() -> str | None:
         return "no GPU backend"
     if "cuda" not in getattr(gpus[0].client, "platform_version", "").lower():
         return "the GPU backend is not CUDA"
-    try:
-        version = fa.check_cudnn_version()
-    except Exception as e:  # noqa: BLE001
-        return f"cuDNN not detected ({e!r})"
-    if version < MIN_CUDNN_VERSION:
-        return f"cuDNN {version} is older than {MIN_CUDNN_VERSION}"
+    why = _version_problem(fa)
+    if why is not None:
+        return why
     major = int(str(getattr(gpus[0], "compute_capability", "0")).split(".")[0])
     if major < 8:
         return f"compute capability {gpus[0].compute_capability} < 8.0"
     return None
 
 
+def lowering_problem() -> str | None:
+    """None if the cuDNN path can be traced and lowered for a CUDA GPU from here (with or
+    without one: target.py), else why not. JAX reads the local cuDNN version while tracing its
+    cuDNN attention, from its CUDA plugin (jax[cuda]): without it nothing can be traced."""
+    fa, why = _module_problem()
+    if why is None:
+        why = _version_problem(fa)
+    if why is not None and fa is not None and getattr(fa, "cuda_versions", 1) is None:
+        why += "; JAX reads the cuDNN version while tracing, from its CUDA plugin (jax[cuda])"
+    return why
+
+
 def max_head_dim():
-    gpu = jax.devices("gpu")[0]
+    """256 on a local GPU of compute capability >= 9.0, else 128 (also with no local GPU, when
+    lowering for one: JAX's own check then allows 128)."""
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError:
+        return 128
     return 256 if float(getattr(gpu, "compute_capability", "0")) >= 9.0 else 128
 
 

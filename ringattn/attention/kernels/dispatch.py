@@ -12,13 +12,20 @@
                 is given)
 
 Objects (`PallasGpu(block_q=..., interpret=True)`, `Cudnn(fallback=...)`, `PallasTpu(...)`) set
-a kernel's tiles and launch options. The platform is that of the mesh being traced under
-(inside shard_map or a `jax.set_mesh`), else the default backend.
+a kernel's tiles and launch options. The platform is the lowering target when one is set
+(`ringattn.target_platform`, target.py), else that of the mesh being traced under (inside
+shard_map or a `jax.set_mesh`), else the default backend.
 
 A fused kernel is probed (probe.py) the first time a combination (kernel, dtype, head dims, mask
 kind) is used: compiled and run once on a small problem, outside the caller's trace, against
 the XLA kernel. Under "auto" one that fails is skipped with a warning, once; a kernel asked for
 by name or object that fails raises an error naming the cause and the kernels that would work.
+
+Lowering for a target platform (`with ringattn.target_platform("tpu"):` around
+`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`) chooses for that platform, on the
+static checks alone: the probe cannot run another platform's program, so it is skipped, and
+cuDNN needs only JAX's cuDNN module and version here, not a local GPU. "auto" then gives the
+kernels the target would run (cuDNN only where JAX can trace it: with its CUDA plugin).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from ringattn.attention import target
 from ringattn.attention.kernels import cudnn, fused, probe, splash
 from ringattn.attention.kernels import xla as xla_lib
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
@@ -52,14 +60,27 @@ class Call:
     kv_len: int
     kind: probe.MaskKind
     where: str
+    target: str | None = None  # lowering for this platform (target.py): no probe, no device
+
+    @property
+    def lowering(self):
+        return self.target is not None
+
+
+def platform_of(name):
+    """A JAX platform or device name as `platform` gives it: 'gpu' for the GPU platforms."""
+    return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
 def platform():
-    """'gpu', 'tpu' or 'cpu' (or another backend's name) for the computation being traced."""
+    """'gpu', 'tpu' or 'cpu' (or another backend's name) for the computation being traced: that
+    of the lowering target (target.py) when one is set, else of the mesh traced under, else the
+    default backend."""
+    if target.current() is not None:
+        return platform_of(target.current())
     mesh = jax.sharding.get_abstract_mesh()
     device = getattr(mesh, "abstract_device", None)
-    name = getattr(device, "platform", None) or jax.default_backend()
-    return "gpu" if name in ("gpu", "cuda", "rocm") else name
+    return platform_of(getattr(device, "platform", None) or jax.default_backend())
 
 
 @functools.cache
@@ -106,7 +127,7 @@ def _problem(name, c: Call):
             return f"it needs a CUDA GPU and the platform is {c.where!r}"
         if not _dtype_in(c.dtype, _HALF):
             return f"it takes bfloat16/float16 inputs, got {jnp.dtype(c.dtype).name}"
-        reason = cudnn.unavailable_reason()
+        reason = _cudnn_missing(c)
         if reason is not None:
             return reason
         if c.head_dim % 8 or c.head_dim > cudnn.max_head_dim():
@@ -131,7 +152,7 @@ def _unsupported(c: Call, kernel, why):
 def _named(c: Call, name):
     """The kernel object a name stands for; raises if it cannot run the call."""
     why = _problem(name, c)
-    if why is not None and not (name == "cudnn" and cudnn.unavailable_reason() == why):
+    if why is not None and not (name == "cudnn" and _cudnn_missing(c) == why):
         raise _unsupported(c, name, why)
     if name == "xla":
         return _xla(c)
@@ -152,15 +173,28 @@ def _named(c: Call, name):
     return splash.PallasTpu(interpret=c.where != "tpu")
 
 
+def _cudnn_missing(c: Call):
+    """Why the cuDNN path is missing altogether here (None if it is not)."""
+    if c.target == "rocm":
+        return "the target platform is ROCm, not CUDA"
+    return cudnn.lowering_problem() if c.lowering else cudnn.unavailable_reason()
+
+
 def _auto(c: Call):
     """The first kernel of the platform's chain that passes its probe (module docstring)."""
     if c.where == "gpu" and _problem("pallas_gpu", c) is None:
         pallas = _first_working(c, [PallasGpu()])
         partial = pallas or fused.FusedXla()  # cuDNN's steps it cannot express
-        if _problem("cudnn", c) is None:
+        why = _problem("cudnn", c)
+        if why is None:
             chosen = _first_working(c, [cudnn.Cudnn(fallback=partial)])
             if chosen is not None:
                 return chosen
+        elif c.target == "cuda" and why == _cudnn_missing(c):  # not what a GPU would run
+            warn_once(
+                f"{c.fn}: lowering for CUDA without the cuDNN path ({why}): the program runs "
+                f"{(pallas or _xla(c)).name!r} where a GPU would run cuDNN."
+            )
         return pallas or _xla(c)
     if c.where == "tpu" and _problem("pallas_tpu", c) is None:
         return _first_working(c, [splash.PallasTpu()]) or _xla(c)
@@ -168,6 +202,8 @@ def _auto(c: Call):
 
 
 def _first_working(c: Call, kernels):
+    if c.lowering:  # for another platform: the probe cannot run its programs
+        return kernels[0]
     for kern in kernels:
         why = probe.failure(kern.fit(c.q_len, c.kv_len), c.dtype, c.head_dim, c.v_head_dim, c.kind)
         if why is None:
@@ -195,6 +231,7 @@ def resolve(fn, opts, dtype, head_dim, v_head_dim, q_len, kv_len, segments=False
         kv_len,
         probe.MaskKind.of(opts, segments),
         platform(),
+        target.current(),
     )
     if isinstance(kernel, str) and kernel in KERNELS:
         if kernel == "auto":
@@ -218,7 +255,7 @@ def resolve(fn, opts, dtype, head_dim, v_head_dim, q_len, kv_len, segments=False
             f"Use kernel='xla' with a tile_callback."
         )
     kern = kern.fit(q_len, kv_len)
-    if kernel != "auto" and not isinstance(kern, Xla):
+    if kernel != "auto" and not isinstance(kern, Xla) and not c.lowering:
         why = probe.failure(kern, dtype, head_dim, v_head_dim, c.kind)
         if why is not None:
             raise _unsupported(c, kernel, f"it failed its check ({why})")

@@ -7,6 +7,9 @@ of the same kind (dtype, head dims, mask kind) and compares it with the XLA kern
 forward, the forward continuing a state (a ring step), the backward and the backward continuing
 gradients. It runs now, outside whatever trace asked (in a thread of its own), once per combination
 per process; dispatch.py turns a failure into a fallback or an error.
+
+`lower` traces the same passes and lowers them for a platform, without running them (on any
+machine: target.py): what a kernel's compile-time constraints allow is checked there.
 """
 
 from __future__ import annotations
@@ -49,6 +52,16 @@ class MaskKind:
         return "mask: " + (", ".join(parts) or "none")
 
 
+# One of each mask kind, by name: what a kernel's code paths differ by (tests, gpu_check --lower).
+MASK_KINDS = {
+    "none": MaskKind(),
+    "causal": MaskKind(causal=True),
+    "window": MaskKind(window=True),
+    "segments": MaskKind(causal=True, segments=True),
+    "soft cap": MaskKind(causal=True, soft_cap=30.0),
+}
+
+
 def _problem(kind: MaskKind, t):
     """A small self-attention problem of this kind (t tokens): spec and mask arrays. Queries and
     keys share positions, so library kernels see the steps they run (unmasked, causal diagonal)."""
@@ -88,6 +101,40 @@ def _passes(cfg, q, k, v, m, dout):
     return results + tuple(x / 2 for x in kern.finish_bwd(cfg, q, k, v, twice))
 
 
+def _inputs(kind, t, dtype, head_dim, v_head_dim):
+    """(spec, q, k, v, mask arrays, dout) of the probe's problem: t tokens, 2 query heads sharing
+    one KV head (GQA), random data."""
+    spec, m = _problem(kind, t)
+    rng = np.random.default_rng(0)
+    shapes = (
+        (1, t, 2, head_dim),
+        (1, t, 1, head_dim),
+        (1, t, 1, v_head_dim),
+        (1, t, 2, v_head_dim),
+    )
+    q, k, v, dout = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in shapes)
+    return spec, q, k, v, m, dout
+
+
+def _run_passes(kern, blocks, spec, kind, t, dtype, head_dim):
+    """jit(_passes) of `kern` with tiles `blocks` on the probe's problem."""
+    scale = 1.0 / float(np.sqrt(head_dim))
+    cfg = base.Config(spec, scale, kind.soft_cap, *blocks, t, dtype, kern, None, t)
+    return jax.jit(functools.partial(_passes, cfg))
+
+
+def lower(kern, dtype, head_dim, v_head_dim, kind: MaskKind, platform, t=None):
+    """The text of every pass of `kern` (those `failure` runs, on its problem of this kind with
+    t tokens: two blocks when None) traced and lowered for `platform` ('cuda', 'tpu' ...), not
+    run. Lengths that are not whole blocks are padded as a call's are."""
+    dtype = jnp.dtype(dtype)
+    t = t or 2 * max(kern.blocks(1, 1, 1, 1))
+    kern = kern.fit(t, t)
+    spec, *args = _inputs(kind, t, dtype, head_dim, v_head_dim)
+    passes = _run_passes(kern, kern.blocks(1, 1, t, t), spec, kind, t, dtype, head_dim)
+    return passes.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
 def _outside_any_trace(fn):
     """fn() in a fresh thread: JAX's trace state and mesh context are per thread, so a jit
     called there compiles and runs now, whatever the calling thread is tracing."""
@@ -107,21 +154,9 @@ def failure(kern, dtype, head_dim, v_head_dim, kind: MaskKind):
 
     def run():  # everything made here, in the probe's thread: nothing of the caller's trace
         t = 2 * max(kern.blocks(1, 1, 1, 1))
-        spec, m = _problem(kind, t)
-        rng = np.random.default_rng(0)
-        q, k, v, dout = (
-            jnp.asarray(rng.standard_normal(shape), dtype)
-            for shape in ((1, t, 2, head_dim), (1, t, 1, head_dim), (1, t, 1, v_head_dim))
-            + ((1, t, 2, v_head_dim),)
-        )
-        scale = 1.0 / float(np.sqrt(head_dim))
-
-        def run_passes(kernel, blocks):
-            cfg = base.Config(spec, scale, kind.soft_cap, *blocks, t, dtype, kernel)
-            return jax.jit(functools.partial(_passes, cfg))(q, k, v, m, dout)
-
-        got = run_passes(kern, kern.blocks(1, 1, t, t))
-        want = run_passes(Xla(), (t // 2, t // 2))
+        spec, *args = _inputs(kind, t, dtype, head_dim, v_head_dim)
+        got = _run_passes(kern, kern.blocks(1, 1, t, t), spec, kind, t, dtype, head_dim)(*args)
+        want = _run_passes(Xla(), (t // 2, t // 2), spec, kind, t, dtype, head_dim)(*args)
         return jax.device_get((got, want))
 
     try:

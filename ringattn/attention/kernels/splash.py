@@ -27,6 +27,11 @@ from ringattn.attention.kernels import fused
 from ringattn.attention.masks import LSE_NONE
 
 _BLOCK = 128
+# Splash's kernels lower for TPUs with 32-bit indices only: under jax_enable_x64 their loop index
+# is i64 and Mosaic rejects its product with an i32 (found lowering for TPU on a CPU:
+# tests/attention/kernels/lowering_test.py). Their operands are 32-bit or narrower, so they are
+# traced with x64 off and nothing else changes.
+_X32 = functools.partial(jax.enable_x64, False)
 
 
 def _modules():
@@ -138,7 +143,8 @@ class PallasTpu(fused.FusedKernel):
 
         def one(q, k, v, q_seg, kv_seg):  # q [G, T, D], k/v [S, D]
             seg = None if q_seg is None else sk.SegmentIds(q_seg, kv_seg)
-            out, (lse,) = kern(q, k, v, segment_ids=seg)
+            with _X32():
+                out, (lse,) = kern(q, k, v, segment_ids=seg)
             return out, lse
 
         per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
@@ -169,7 +175,8 @@ class PallasTpu(fused.FusedKernel):
             seg = None if q_seg is None else sk.SegmentIds(q_seg, kv_seg)
             # The residuals of splash's forward, with the ring's out and lse in them.
             res = (q, k, v, seg, *sinks, o, lse, kern.dq_mask_info, kern.dkv_mask_info)
-            return sk._splash_attention_bwd(**static, res=res, do=do)[3:6]  # dq, dk, dv
+            with _X32():
+                return sk._splash_attention_bwd(**static, res=res, do=do)[3:6]  # dq, dk, dv
 
         per_head = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None, None))
         segs = (qs.seg, ks.seg) if qs.seg is not None else (None, None)

@@ -1,0 +1,56 @@
+"""The jitted train step of the LM with impl="ring" (bf16, head dim 128, a data x context mesh),
+lowered for CUDA and for TPU on this CPU (ringattn.target_platform): the program a GPU or a TPU
+would run, with the fused kernels kernel="auto" picks there in the ring's forward and backward."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from ringattn.mesh import make_mesh, mesh_axes_for
+from ringattn.nn.config import AttentionConfig, ModelConfig
+from ringattn.nn.model import Transformer
+from ringattn.train import state, step
+
+CFG = ModelConfig(
+    vocab_size=256, num_layers=1, d_model=256, num_heads=2, num_kv_heads=1, head_dim=128,
+    mlp_dim=512, dtype="bfloat16", attention=AttentionConfig(impl="ring"),
+)  # fmt: skip
+B, T = 2, 1024  # packed documents (segment ids), 256 tokens per context shard
+
+
+def _lower(helpers, platform):
+    mesh = make_mesh(dict(data=2, context=4), jax.devices("cpu")[:8])
+    model, tx = Transformer(CFG, mesh), optax.adamw(1e-3)
+    abstract_state, shardings = state.state_shardings(model, tx, mesh, CFG.rules)
+    data = step.batch_sharding(mesh, mesh_axes_for(CFG.rules, "act_batch"))
+    dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
+    batch = {
+        name: jax.ShapeDtypeStruct((B, T), dtypes.get(name, jnp.int32), sharding=data)
+        for name in step.BATCH_KEYS
+    }
+    train_step = step.jit_train_step(model, tx, shardings, data, mesh)
+    return helpers.lowered_calls(platform, train_step, abstract_state, batch)
+
+
+@pytest.mark.usefixtures("cudnn_stand_in")
+def test_ring_train_step_lowers_for_cuda(helpers):
+    calls = _lower(helpers, "cuda")
+    triton = {c.kernel: n for c, n in calls.items() if c.target == "__gpu$xla.gpu.triton"}
+    # The ring's loop body and its last step, forward and backward, continuing in place.
+    assert triton == {"ringattn_fwd": 2, "ringattn_dkv": 2, "ringattn_dq": 2}, calls
+    assert all(c.in_place for c in calls if c.kernel)
+    assert {c.target for c in calls if not c.kernel} == {
+        "__cudnn$fmhaSoftmax",
+        "__cudnn$fmhaSoftmaxBackward",
+    }
+
+
+def test_ring_train_step_lowers_for_tpu(helpers):
+    calls = _lower(helpers, "tpu")
+    assert {c.target for c in calls} == {"tpu_custom_call"}, calls
+    assert {c.kernel for c in calls} == {  # segment ids: splash's segmented kernels
+        "splash_mqa_fwd_segmented_residuals",
+        "splash_mqa_dkv_segmented_no_residuals",
+        "splash_mqa_dq_segmented_no_residuals",
+    }
