@@ -176,7 +176,7 @@ def _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sink
     def local(q, k, v, q_pos, seg, cache, sinks):
         return _local(call, call.strategy, q, k, v, q_pos, seg, cache, sinks, axis_name)
 
-    vma = not dispatch.needs_vma_off(call.opts.kernel, mesh.devices.flat[0].platform)
+    vma = not dispatch.needs_vma_off(call.opts.kernel, dispatch.mesh_platform(mesh))
     return jax.shard_map(
         local,
         mesh=mesh,

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ringattn.attention import inputs, target
+from ringattn.attention import inputs
 from ringattn.attention.kernels import dispatch
 from ringattn.parallel import allgather, costs, hybrid, layouts, ring, ulysses
 
@@ -49,12 +49,6 @@ def _run_mesh(mesh, *arrays):
         return mesh
     auto = (AxisType.Auto,) * len(mesh.axis_names)
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-
-
-def _platform(mesh):
-    """The platform the kernels are chosen for: the lowering target (target.py), else the
-    mesh's."""
-    return dispatch.platform_of(target.current() or mesh.devices.flat[0].platform)
 
 
 def _axis_names(fn, mesh, axis_name):
@@ -252,5 +246,5 @@ def _sharded(plan: _Plan, q, k, v, m, sinks):
         mesh=mesh,
         in_specs=(qkv, qkv, qkv, specs, sinks_spec),
         out_specs=(qkv, P(plan.batch_axes, plan.head_axes, seq_axes)),
-        check_vma=not dispatch.needs_vma_off(plan.opts.kernel, _platform(mesh)),
+        check_vma=not dispatch.needs_vma_off(plan.opts.kernel, dispatch.mesh_platform(mesh)),
     )(q, k, v, m, sinks)

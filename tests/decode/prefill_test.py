@@ -257,3 +257,26 @@ def test_cost_model_picks_by_the_ratio_of_chunk_to_cache():
     assert not any(e.feasible for e in pair.values())
     with pytest.raises(ValueError, match="`cache_slots` must be a multiple of the 8"):
         estimates(1024, 4096, cache_slots=4100)
+
+
+@pytest.mark.parametrize("platform, kernel, calls", [
+    ("cuda", "pallas_gpu", {"ringattn_fwd"}),
+    ("tpu", "pallas_tpu", {"splash_mqa_fwd_segmented_residuals"}),
+])  # fmt: skip
+@pytest.mark.parametrize("strategy", ["pass_kv", "pass_q"])
+def test_lowers_with_the_fused_kernels(helpers, platform, kernel, calls, strategy):
+    """Chunked prefill on 8 devices lowered for CUDA / TPU (ringattn.target_platform): the
+    cached and chunk passes run the platform's fused kernel, nothing falls back."""
+    mesh = jax.make_mesh((8,), ("context",))
+    bf16 = jnp.bfloat16
+    cache = cache_lib.init_cache("full", 1, 8 * 128, 2, 128, bf16, layout="striped", num_shards=8)
+    q, k = jnp.zeros((1, 1024, 8, 128), bf16), jnp.zeros((1, 1024, 2, 128), bf16)
+    pos = 512 + jnp.arange(1024, dtype=jnp.int32)[None]
+
+    def f(q, k, pos, cache):
+        return prefill.prefill_on_mesh(
+            q, k, k, pos, cache, mesh=mesh, strategy=strategy, kernel=kernel, cache_bound=512
+        )
+
+    got = helpers.lowered_calls(platform, f, q, k, pos, cache)
+    assert calls <= {c.kernel for c in got}, got

@@ -72,6 +72,12 @@ def platform_of(name):
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
+def mesh_platform(mesh):
+    """The platform kernels are chosen for on `mesh`: the lowering target (target.py) when one
+    is set, else that of the mesh's devices."""
+    return platform_of(target.current() or mesh.devices.flat[0].platform)
+
+
 def platform():
     """'gpu', 'tpu' or 'cpu' (or another backend's name) for the computation being traced: that
     of the lowering target (target.py) when one is set, else of the mesh traced under, else the
