@@ -5,6 +5,7 @@ with the KV cache sharded along the sequence over the devices (it never moves).
   python experiments/generate.py --workdir=/tmp/text --prompt_file=prompt.txt \
       --temperature=0.8 --top_k=20 --max_new_tokens=256
   python experiments/generate.py --workdir=/tmp/passkey --prompt=... --num_devices=1
+  python experiments/generate.py --workdir=/tmp/passkey --prompt_file=long.txt --prefill_chunk=512
 
 Prints the continuation and the prefill time and decode tokens per second (compilation excluded).
 """
@@ -28,6 +29,9 @@ _CACHE = flags.DEFINE_enum("cache", "full", ["full", "sink_window", "window"], "
 _NUM_SINKS = flags.DEFINE_integer("num_sinks", 4, "sink_window: tokens kept from the start.")
 _WINDOW = flags.DEFINE_integer("window", 1020, "sink_window / window: recent tokens kept.")
 _INT8 = flags.DEFINE_bool("int8", False, "Store K/V in int8 with per-token, per-head scales.")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None, "Prefill the prompt this many tokens at a time (default: at once)."
+)
 _NUM_DEVICES = flags.DEFINE_integer(
     "num_devices", None, "Devices to use (default all; simulated when on CPU)."
 )
@@ -73,6 +77,7 @@ def main(argv):
         temperature=_TEMPERATURE.value,
         top_k=_TOP_K.value,
         seed=_SEED.value,
+        prefill_chunk=_PREFILL_CHUNK.value,
     )
     print(text + data_lib.decode(out["tokens"][0]))
     n = gen.num_shards(run.model_cfg, run.mesh)

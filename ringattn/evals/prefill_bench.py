@@ -109,7 +109,13 @@ def measure(shape: Shape, n, cached, length, strategies=("pass_kv", "pass_q", "d
     est = estimates(shape, n, cached, length, slots, hardware)
     row["model_choice"] = min(strategies, key=lambda s: est[s].time_s)
     row["model_agrees"] = row["model_choice"] == row["winner"]
+    # How much slower the model's choice ran than the winner (1: it is the winner).
+    row["choice_vs_best"] = row[f"{row['model_choice']}_s"] / row[f"{row['winner']}_s"]
+    row["model_s"] = {s: est[s].time_s for s in strategies}
     row["why"] = est[row["model_choice"]].why
+    # What the default constants (an H100-like device, asynchronous hops) would choose.
+    default = estimates(shape, n, cached, length, slots)
+    row["default_hardware_choice"] = min(strategies, key=lambda s: default[s].time_s)
     return row
 
 
@@ -143,8 +149,19 @@ def calibrate(n, shape: Shape = Shape(), length=2048):
         jax.block_until_ready(compiled(*args, cache))
         best = min(best, time.perf_counter() - t0)
     flops = estimates(shape, n, cached, length, slots)["decode"].flops  # the busiest device's
+    hop_s = lambda size, times: _hop_seconds(mesh, size, times)  # noqa: E731
+    latency = hop_s(256, 20)  # 1 KiB a device: the fixed cost of a hop
+    link = mib * 2**20 / max(hop_s(mib * 2**18, 5) - latency, 1e-9)
+    # XLA:CPU runs a collective between the simulated devices' computations, never beside them.
+    overlap = jax.devices()[0].platform != "cpu"
+    return costs.Hardware(flops / best, link, latency, overlap)
+
+
+def _hop_seconds(mesh, floats, times):
+    """Seconds of one ring hop of `floats` f32 a device (the mean of `times`)."""
+    n = mesh.shape["context"]
     x = jax.device_put(
-        jnp.zeros((n, mib * 2**18), jnp.float32), jax.sharding.NamedSharding(mesh, jax.P("context"))
+        jnp.zeros((n, floats), jnp.float32), jax.sharding.NamedSharding(mesh, jax.P("context"))
     )
     hop = jax.jit(
         jax.shard_map(
@@ -152,13 +169,12 @@ def calibrate(n, shape: Shape = Shape(), length=2048):
             mesh=mesh, in_specs=jax.P("context"), out_specs=jax.P("context"),
         )
     )  # fmt: skip
-    jax.block_until_ready(hop(x))
+    x = jax.block_until_ready(hop(x))
     t0 = time.perf_counter()
-    for _ in range(5):
+    for _ in range(times):
         x = hop(x)
     jax.block_until_ready(x)
-    link = 5 * mib * 2**20 / (time.perf_counter() - t0)
-    return costs.Hardware(flops_per_s=flops / best, link_bytes_per_s=link, step_latency_s=1e-4)
+    return (time.perf_counter() - t0) / times
 
 
 def dry_run(cache_len, num_devices, chunk_len, shape: Shape):
@@ -174,6 +190,10 @@ def dry_run(cache_len, num_devices, chunk_len, shape: Shape):
                 layout="striped", num_shards=n,
             )
         )  # fmt: skip
+        shardings = sharded.cache_sharding(abstract, mesh)  # donated: updated in place
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
         q = jax.ShapeDtypeStruct((1, chunk_len, shape.heads, shape.head_dim), dt)
         kv = jax.ShapeDtypeStruct((1, chunk_len, shape.kv_heads, shape.head_dim), dt)
         pos = jax.ShapeDtypeStruct((1, chunk_len), jnp.int32)
@@ -194,8 +214,9 @@ def markdown(rows, dry):
     if rows:
         out += [
             "| devices | cached | chunk | chunk/cache | pass_kv tok/s | pass_q tok/s | "
-            "decode tok/s | temp MiB/dev kv / q / decode | winner | model | agrees |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+            "decode tok/s | temp MiB/dev kv / q / decode | winner | model | choice / best | "
+            "model, H100-like |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | --- |",
         ]
         for r in rows:
             tps = " | ".join(
@@ -204,7 +225,8 @@ def markdown(rows, dry):
             mem = " / ".join(f"{r[f'{s}_temp_mib']:.1f}" for s in ("pass_kv", "pass_q", "decode"))
             out.append(
                 f"| {r['devices']} | {r['cached']} | {r['chunk']} | {r['ratio']:.3g} | {tps} | "
-                f"{mem} | {r['winner']} | {r['model_choice']} | {r['model_agrees']} |"
+                f"{mem} | {r['winner']} | {r['model_choice']} | {r['choice_vs_best']:.3f} | "
+                f"{r['default_hardware_choice']} |"
             )
     if dry:
         out += [

@@ -10,7 +10,8 @@ For one attention call, forward and (by default) backward, per device:
             step, so only the first fetch (a shortened plan), the excess of a hop over its step's
             compute and, backward, the dK/dV hop that the next step waits for are exposed.
             allgather (gather, re-gather and reduce-scatter) and ulysses (2 all-to-alls each
-            way) expose all of theirs.
+            way) expose all of theirs. With `Hardware(overlap=False)` (XLA:CPU's simulated
+            devices, which run collectives between computations) every hop is exposed too.
   time      flops / flops_per_s + exposed; each collective or hop also costs `step_latency_s`.
   memory    peak extra bytes beyond the local inputs and outputs (buffers, f32 accumulators).
 The constants are order-of-magnitude defaults (`Hardware`); pass measured ones to compare
@@ -42,6 +43,9 @@ class Hardware:
     flops_per_s: float = 400e12  # sustained attention-kernel FLOP/s of one device (bf16, H100-ish)
     link_bytes_per_s: float = 100e9  # bytes/s one device sends (NVLink ~450e9, TPU ICI ~50e9)
     step_latency_s: float = 10e-6  # fixed cost of each hop or collective
+    # Whether a ring hop runs while its step computes (asynchronous collectives: GPUs, TPUs).
+    # False: every byte moved is exposed, as between the simulated devices of XLA:CPU.
+    overlap: bool = True
 
 
 class Estimate(NamedTuple):
@@ -177,11 +181,12 @@ def estimate_costs(
         dkv_b = kv_b / e * f32
         hop, dhop = kv_b / bw + lat, dkv_b / bw + lat
         hops = plan.steps - 1 + (plan.first != 0)
-        exposed = hop * (plan.first != 0) + sum(max(0.0, hop - x) for x in c[:-1])
+        hidden = lambda x: x if hw.overlap else 0.0  # noqa: E731
+        exposed = hop * (plan.first != 0) + sum(max(0.0, hop - hidden(x)) for x in c[:-1])
         moved, steps = hops * kv_b, hops
         home = -(plan.first + plan.steps - 1) % m != 0
         if backward:
-            exposed += hop * (plan.first != 0) + sum(max(0.0, hop - x) for x in cb[:-1])
+            exposed += hop * (plan.first != 0) + sum(max(0.0, hop - hidden(x)) for x in cb[:-1])
             exposed += dhop * (plan.steps - 1 + home)
             moved += hops * kv_b + (plan.steps - 1 + home) * dkv_b
             steps += hops + plan.steps - 1 + home

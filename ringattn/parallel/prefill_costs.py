@@ -99,7 +99,7 @@ def estimate(
     out = {}
 
     def overlap(hop):  # hops issued before the compute they overlap: n - 1 of them
-        return sum(max(0.0, hop / bw + lat - x) for x in compute[:-1])
+        return sum(max(0.0, hop / bw + lat - (x if hw.overlap else 0.0)) for x in compute[:-1])
 
     src_hop = b * ((pre + c) * tok + c * 4)  # the chunk's tokens also carry segment ids
     out["pass_kv"] = (

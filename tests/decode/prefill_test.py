@@ -280,3 +280,14 @@ def test_lowers_with_the_fused_kernels(helpers, platform, kernel, calls, strateg
 
     got = helpers.lowered_calls(platform, f, q, k, pos, cache)
     assert calls <= {c.kernel for c in got}, got
+
+
+def test_cost_model_without_overlap_exposes_every_hop():
+    """Hardware(overlap=False): pass_kv's hops no longer hide behind compute, so a long chunk
+    pays for all of them; the compute is the same."""
+    hw = ringattn.Hardware(overlap=False)
+    with_overlap, without = estimates(8192, 8192), estimates(8192, 8192, hardware=hw)
+    kv, kv_no = with_overlap["pass_kv"], without["pass_kv"]
+    assert kv_no.flops == kv.flops and kv_no.exposed_comm_s > 4 * kv.exposed_comm_s
+    hop_s = kv.bytes_moved / 7 / hw.link_bytes_per_s + hw.step_latency_s
+    assert kv_no.exposed_comm_s == pytest.approx(7 * hop_s)

@@ -61,6 +61,11 @@ def test_generate_script(passkey_run):
     assert out.startswith("The pass key is")
     assert "checkpoint 0 | 15 prompt tokens | cache full over 8 device(s)" in out
     assert "tokens/s" in out
+    # A 51-byte prompt in 4 chunks of 16: the greedy continuation of the whole-prompt prefill.
+    prompt = "--prompt=The pass key is 90210. Remember it. The pass key is"
+    runs = [run_script("generate", f"--workdir={passkey_run}", prompt, "--max_new_tokens=4", *c)
+            for c in ((), ("--prefill_chunk=16",))]  # fmt: skip
+    assert runs[0].splitlines()[0] == runs[1].splitlines()[0]
 
 
 @pytest.mark.slow
@@ -205,6 +210,7 @@ def test_decode_benchmark_chunked_prefill(tmp_path):
     times = {s: row[f"{s}_s"] for s in ("pass_kv", "pass_q", "decode")}
     assert min(times.values()) > 0 and row["winner"] == min(times, key=times.get)
     assert row["model_agrees"] == (row["model_choice"] == row["winner"])
+    assert row["choice_vs_best"] == times[row["model_choice"]] / times[row["winner"]] >= 1
     (four,) = result["prefill_dry_run"]
     # 1024 tokens x (K + V: 2 x 8 heads x 128 x 2 bytes + int32 position) over the devices
     assert four["cache_mib_per_device"] == pytest.approx(1024 * (2 * 8 * 128 * 2 + 4) / 4 / 2**20)
