@@ -139,6 +139,8 @@ def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT
         logits_soft_cap=a.logits_soft_cap or None,
         sinks=sinks,
         cache_bound=cache_bound,
+        block_q=a.block_q,
+        block_k=a.block_k,
     )
     if not shards_cache(cfg, mesh):
         return prefill_lib.prefill_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, **opts)
