@@ -34,6 +34,7 @@ n), contiguous: min(bound, S / n)); 0 skips the cache (a first chunk).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -128,10 +129,8 @@ def prefix(cache, bound, n):
     if length == 0:
         return None
     cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
-    return cache_lib.KVCache(
-        cut(cache.k), cut(cache.v), cut(cache.k_scale), cut(cache.v_scale), cut(cache.pos),
-        cache.kind, cache.num_slots, cache.num_sinks, cache.window, cache.layout, cache.num_shards,
-    )  # fmt: skip
+    arrays = ("k", "v", "k_scale", "v_scale", "pos")
+    return dataclasses.replace(cache, **{name: cut(getattr(cache, name)) for name in arrays})
 
 
 def _configs(fn, opts, q, src: Source):
