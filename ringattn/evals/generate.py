@@ -13,7 +13,8 @@ blockwise attention, everything runs on one device.
 
 A long prompt can be prefilled in chunks (`prefill_chunk`): each chunk attends to the cache the
 previous ones filled (ringattn/decode/chunked.py), so the activations are a chunk's, not the
-prompt's.
+prompt's; each chunk is compiled for a power-of-two bound on what the caches hold
+(`chunk_bound`).
 """
 
 from __future__ import annotations
@@ -179,13 +180,22 @@ def chunks(batch, chunk):
         yield piece, start, ends_B
 
 
+def chunk_bound(start, chunk):
+    """The cache bound of the chunk from `start`: the positions cached so far, rounded up to
+    chunk x a power of two, so log2(T / chunk) + 2 compilations serve a prompt of T tokens and
+    pass_kv sends at most twice what the caches hold."""
+    if start == 0:
+        return 0
+    return chunk * (1 << (-(-start // chunk) - 1).bit_length())
+
+
 def prefill_in_chunks(pre, params, batch, caches, chunk):
     """`prefill` of `batch` `chunk` tokens at a time: `pre(params, piece, caches, cache_bound)`
-    is prefill (jitted with a static cache_bound: 0 for the first chunk, None after it, so two
-    compilations serve any prompt). Returns (logits after each row's last token, caches)."""
+    is prefill (jitted with a static cache_bound, `chunk_bound`). Returns (logits after each
+    row's last token, caches)."""
     logits_BV = None
     for piece, start, ends_B in chunks(batch, chunk):
-        logits, caches = pre(params, piece, caches, 0 if start == 0 else None)
+        logits, caches = pre(params, piece, caches, chunk_bound(start, chunk))
         logits_BV = logits if logits_BV is None else jnp.where(ends_B[:, None], logits, logits_BV)
     return logits_BV, caches
 
@@ -259,7 +269,9 @@ def generate(
         run_prefill = lambda c: compiled[0](params, batch, c)  # noqa: E731
     else:
         first = next(chunks(batch, prefill_chunk))[0]
-        compiled = {b: pre.lower(params, first, caches, b).compile() for b in (0, None)}
+        t = batch["tokens"].shape[1]
+        bounds = {chunk_bound(s, prefill_chunk) for s in range(0, t, prefill_chunk)}
+        compiled = {b: pre.lower(params, first, caches, b).compile() for b in bounds}
         run_prefill = lambda c: prefill_in_chunks(  # noqa: E731
             lambda p, piece, c, bound: compiled[bound](p, piece, c), params, batch, c,
             prefill_chunk,
