@@ -2,7 +2,7 @@
 pass_kv, pass_q and decode for chunks against caches of several lengths on n devices, side by
 side in one run (tokens/s of the chunk, compiled temporaries per device), the cost model's
 choice against the measured winner; and, compiled only, the memory of a 1M-token cache over many
-devices.
+devices; and, on a whole model, a prompt's next-token distribution prefilled whole and in chunks.
 
 One attention layer (the kernel's work and the strategies' traffic; the rest of a model is the
 same whatever the strategy), float32, a striped cache holding positions 0 .. P - 1 and a chunk at
@@ -22,6 +22,7 @@ import numpy as np
 from ringattn.decode import cache as cache_lib
 from ringattn.decode import prefill as prefill_lib
 from ringattn.decode import sharded
+from ringattn.evals import generate as gen
 from ringattn.parallel import costs
 from ringattn.parallel.layouts import to_layout
 
@@ -242,3 +243,36 @@ def markdown(rows, dry):
                 f"{r['cache_mib_per_device']:.1f} | {mem} |"
             )
     return "\n".join(out)
+
+
+def chunked_vs_whole(model_cfg, params, mesh, tokens, chunk, strategy):
+    """The next-token distribution after `tokens` prefilled whole (context-parallel attention
+    over the prompt) and in chunks of `chunk` against the sharded cache (`strategy`): the largest
+    log-probability difference, KL(whole || chunked), whether the argmax and top-10 agree, and
+    both prefill times (compilation excluded)."""
+    attention = dataclasses.replace(model_cfg.attention, prefill=strategy)
+    cfg = dataclasses.replace(model_cfg, attention=attention)
+    model = gen.decoding_model(cfg, mesh)
+    batch = gen.prompt_batch([tokens], gen.pad_multiple(cfg, mesh))
+    spec = gen.CacheSpec("full", max_len=batch["tokens"].shape[1])
+    pre = jax.jit(functools.partial(gen.prefill, model), static_argnums=3)
+    out = {}
+    for name, run in (
+        ("whole", lambda c: pre(params, batch, c, 0)),
+        ("chunked", lambda c: gen.prefill_in_chunks(pre, params, batch, c, chunk)),
+    ):
+        jax.block_until_ready(run(gen.init_caches(cfg, spec, 1, mesh)))  # compiles
+        caches = gen.init_caches(cfg, spec, 1, mesh)
+        t0 = time.perf_counter()
+        logits, _ = jax.block_until_ready(run(caches))
+        out[f"{name}_s"] = time.perf_counter() - t0
+        out[name] = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)
+    whole, chunked = out.pop("whole"), out.pop("chunked")
+    top = lambda x: set(np.argsort(x)[-10:].tolist())  # noqa: E731
+    return dict(
+        tokens=len(tokens), chunk=chunk, strategy=strategy, devices=mesh.size,
+        max_abs_logprob_diff=float(np.abs(whole - chunked).max()),
+        kl=float(np.sum(np.exp(whole) * (whole - chunked))),
+        same_argmax=bool(whole.argmax() == chunked.argmax()), same_top10=top(whole) == top(chunked),
+        **out,
+    )  # fmt: skip

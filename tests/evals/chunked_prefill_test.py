@@ -126,3 +126,16 @@ def test_generate_prefill_chunk_gives_the_whole_prompt_tokens():
     np.testing.assert_array_equal(out[8]["tokens"], out[None]["tokens"])
     with pytest.raises(ValueError, match="`prefill_chunk` must be a positive multiple of 8"):
         gen.generate(model, params(), batch, caches, 2, prefill_chunk=12)
+
+
+def test_chunked_vs_whole_reports_the_same_distribution():
+    """prefill_bench.chunked_vs_whole (what the real-model check runs) on the tiny model: the
+    chunked prefill's next-token distribution is the whole prompt's."""
+    from ringattn.evals import prefill_bench
+
+    attn = AttentionConfig(impl="ring", layout="striped", block_q=4, block_k=4)
+    cfg = dataclasses.replace(CFG, attention=attn)
+    mesh = make_mesh(dict(context=4), jax.devices()[:4])
+    row = prefill_bench.chunked_vs_whole(cfg, params(), mesh, tokens()[0, :37], 8, "pass_q")
+    assert row["max_abs_logprob_diff"] < 1e-5 and abs(row["kl"]) < 1e-6, row  # float32
+    assert row["same_argmax"] and row["same_top10"] and row["chunked_s"] > 0
