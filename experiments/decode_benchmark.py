@@ -13,7 +13,12 @@ attention layer, a chunk against a cache already holding tokens on --prefill_dev
 pass_kv / pass_q / decode side by side (chunk tokens/s, compiled temporaries per device), the
 measured winner and the cost model's choice with constants measured on this machine. The dry
 run compiles (never runs) a chunk step against a --prefill_dry_run_cache-token cache (Llama-3-8B
-layer: 32 heads, 8 KV heads, head dim 128, bf16) and reports the memory per device.
+layer: 32 heads, 8 KV heads, head dim 128, bf16) and reports the memory per device. With
+--workdir and --prefill_check_text, a real model's next-token distribution after a long prompt
+prefilled in chunks against the one of the whole prompt:
+
+  python experiments/decode_benchmark.py --prefill_only --workdir=RUN \
+      --prefill_check_text=$(python -c "import typing; print(typing.__file__)")
 
 One device: the cache whole on it, plain decode attention. n devices: ring-attention prefill,
 then the cache sharded along the sequence over all n; each step attends the new token to every
@@ -59,6 +64,14 @@ _P_CALIBRATION = flags.DEFINE_integer(
 _P_DRY_CACHE = flags.DEFINE_integer("prefill_dry_run_cache", 0, "Dry-run cache tokens (0: none).")
 _P_DRY_DEVICES = flags.DEFINE_list("prefill_dry_run_devices", ["8"], "Dry-run device counts.")
 _P_DRY_CHUNK = flags.DEFINE_integer("prefill_dry_run_chunk", 8192, "Dry-run chunk length.")
+_P_CHECK_TEXT = flags.DEFINE_string(
+    "prefill_check_text", None, "With --workdir: a text file whose first tokens make the prompt."
+)
+_P_CHECK_TOKENS = flags.DEFINE_integer("prefill_check_tokens", 4096, "Prompt tokens.")
+_P_CHECK_CHUNK = flags.DEFINE_integer("prefill_check_chunk", 1024, "Chunk of the chunked prefill.")
+_P_CHECK_STRATEGIES = flags.DEFINE_list(
+    "prefill_check_strategies", ["pass_kv", "pass_q"], "Strategies of the chunked prefill."
+)
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
 
 
@@ -70,6 +83,8 @@ def main(argv):
     from ringattn.evals import bench
 
     prefill = chunked_prefill()
+    if _P_CHECK_TEXT.value:
+        prefill["prefill_check"] = prefill_check()
     if _PREFILL_ONLY.value:
         if _OUT.value:
             with open(_OUT.value, "w") as f:
@@ -94,6 +109,31 @@ def main(argv):
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump({"throughput": rows, "cache_dtypes": dtypes, **prefill}, f, indent=1)
+
+
+def prefill_check():
+    """--workdir's model: the next-token distribution after the first --prefill_check_tokens
+    tokens of --prefill_check_text, prefilled whole and in chunks, on all devices."""
+    from ringattn.evals import prefill_bench
+    from ringattn.evals.generate import decoding_params
+    from ringattn.evals.restore import load_run
+    from ringattn.hf.tokenizer import load_tokenizer
+
+    if not _WORKDIR.value:
+        raise app.UsageError("--prefill_check_text needs --workdir (a run with a tokenizer).")
+    run = load_run(_WORKDIR.value)
+    with open(os.path.expanduser(_P_CHECK_TEXT.value), encoding="utf-8") as f:
+        tokens = load_tokenizer(_WORKDIR.value).encode(f.read())[: _P_CHECK_TOKENS.value]
+    params = decoding_params(run.model_cfg, run.params)
+    rows = []
+    for strategy in _P_CHECK_STRATEGIES.value:
+        rows.append(
+            prefill_bench.chunked_vs_whole(
+                run.model_cfg, params, run.mesh, tokens, _P_CHECK_CHUNK.value, strategy
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def chunked_prefill():
