@@ -86,26 +86,29 @@ def _program(mesh, strategy, layout, bound):
 
 
 def measure(shape: Shape, n, cached, length, strategies=("pass_kv", "pass_q", "decode"),
-            repeats=2, hardware=None):  # fmt: skip
-    """One row: per strategy the best of `repeats` timed runs (compilation excluded) and the
-    compiled temporaries per device; the measured winner and the cost model's choice."""
+            repeats=3, hardware=None):  # fmt: skip
+    """One row: per strategy the best of `repeats` timed runs (compilation excluded; the
+    strategies take turns, so that a noisy moment does not fall on one of them) and the compiled
+    temporaries per device; the measured winner and the cost model's choice."""
     mesh = _mesh(n)
     slots = -(-(cached + length) // n) * n
     args = chunk(shape, n, cached, length)
     row = dict(devices=n, chunk=length, cached=cached, ratio=length / max(cached, 1))
+    compiled, best = {}, {}
     for strategy in strategies:
         fn = _program(mesh, strategy, shape.layout, cached)
-        compiled = fn.lower(*args, filled_cache(shape, mesh, cached, slots)).compile()
-        mem = compiled.memory_analysis()
-        best = float("inf")
-        for _ in range(repeats):
+        compiled[strategy] = fn.lower(*args, filled_cache(shape, mesh, cached, slots)).compile()
+        mem = compiled[strategy].memory_analysis()
+        row[f"{strategy}_temp_mib"] = (mem.temp_size_in_bytes if mem else float("nan")) / 2**20
+    for _ in range(repeats):
+        for strategy in strategies:
             cache = filled_cache(shape, mesh, cached, slots)  # donated: a fresh one each run
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args, cache))
-            best = min(best, time.perf_counter() - t0)
-        row[f"{strategy}_s"] = best
-        row[f"{strategy}_tokens_per_s"] = length / best
-        row[f"{strategy}_temp_mib"] = (mem.temp_size_in_bytes if mem else float("nan")) / 2**20
+            jax.block_until_ready(compiled[strategy](*args, cache))
+            best[strategy] = min(best.get(strategy, float("inf")), time.perf_counter() - t0)
+    for strategy in strategies:
+        row[f"{strategy}_s"] = best[strategy]
+        row[f"{strategy}_tokens_per_s"] = length / best[strategy]
     row["winner"] = min(strategies, key=lambda s: row[f"{s}_s"])
     est = estimates(shape, n, cached, length, slots, hardware)
     row["model_choice"] = min(strategies, key=lambda s: est[s].time_s)
