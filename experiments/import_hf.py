@@ -33,7 +33,7 @@ def main(argv):
     from ringattn.mesh import start_entrypoint
 
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
-    from ringattn.hf.convert import import_checkpoint
+    from ringattn.hf.convert import describe, import_checkpoint
 
     if not (_HF_DIR.value and _WORKDIR.value):
         raise app.UsageError("--hf_dir and --workdir are required.")
@@ -43,11 +43,7 @@ def main(argv):
         _CONFIG.value,
         param_dtype=_PARAM_DTYPE.value,
     )
-    m = config.model
-    print(
-        f"imported {m.num_layers} layers, d {m.d_model}, {m.num_heads}/{m.num_kv_heads} heads, "
-        f"vocabulary {m.vocab_size}, {m.param_dtype}, RoPE {m.rope.scaling} -> {_WORKDIR.value}"
-    )
+    print(f"{describe(config)} -> {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
