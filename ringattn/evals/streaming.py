@@ -324,7 +324,10 @@ def binned(nll_BL, bin_size):
     """(bin starts, perplexity of each bin averaged over rows and positions)."""
     n = nll_BL.shape[1] // bin_size * bin_size
     per_bin = np.asarray(nll_BL)[:, :n].reshape(nll_BL.shape[0], -1, bin_size)
-    per_bin = np.nanmean(per_bin, axis=(0, 2))  # NaN: positions a strided recompute skipped
+    scored = np.isfinite(per_bin)  # NaN: positions a strided recompute skipped
+    count = scored.sum(axis=(0, 2))
+    total = np.where(scored, per_bin, 0.0).sum(axis=(0, 2))
+    per_bin = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return np.arange(0, n, bin_size), np.exp(per_bin)
 
 
