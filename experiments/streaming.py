@@ -19,7 +19,8 @@ each file one stream (its first --stream_multiple x --cache_len tokens, encoded 
 tokenizer); --recompute_stride=k reruns the sliding window at every k-th position only (the
 summary is then over those positions for every method).
 
-Writes DIR/streaming.json (per-bin perplexities; "summary": perplexity once the cache is full per
+Writes DIR/streaming_nll.npz (the streams and every method's per-token NLL), DIR/streaming.json
+(per-bin perplexities; "summary": perplexity once the cache is full per
 method; "ratios"; per layer and head the attention on the first tokens), DIR/streaming.png and
 DIR/attention_sinks.png. The streams are the "eval" split of the text the model was trained on
 (files it never saw), concatenated, starting with BOS when the run trained with BOS documents.
@@ -29,6 +30,7 @@ import json
 import os
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -93,11 +95,13 @@ def main(argv):
     result["wall_time_s"] = time.perf_counter() - t0
     print("summary:", json.dumps(result["summary"]), "\nratios:", json.dumps(result["ratios"]))
     os.makedirs(_OUT.value, exist_ok=True)
+    nll = result.pop("nll")
+    np.savez_compressed(os.path.join(_OUT.value, "streaming_nll.npz"), streams=streams, **nll)
     with open(os.path.join(_OUT.value, "streaming.json"), "w") as f:
         json.dump(result, f, indent=1)
     streaming.plot(result, os.path.join(_OUT.value, "streaming.png"))
     streaming.plot_attention(result, os.path.join(_OUT.value, "attention_sinks.png"))
-    print(f"wrote {_OUT.value}/streaming.json, streaming.png and attention_sinks.png")
+    print(f"wrote {_OUT.value}/streaming.json, streaming_nll.npz (per-token NLL), streaming.png")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ which is what makes evicting them matter.
 The recomputed window costs a forward pass of `cache_len` tokens per scored token: on a real
 model, `recompute_stride=k` scores every k-th position only, and every method's summary is then
 taken over those positions (the per-bin curves of the others keep every position).
-    plot(result, "streaming.png"); plot_attention(result, "attention_sinks.png")
+    streaming_plots.plot(result, "streaming.png")  # and plot_attention: attention_sinks.png
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from ringattn.evals import generate as gen
+from ringattn.evals import streaming_plots
 from ringattn.nn.model import Transformer
 from ringattn.nn.rope import apply_rope
 from ringattn.train.corpus import text_stream
@@ -108,7 +109,8 @@ def evaluate(
 ):
     """`methods` on the streams [B, L]: per-bin perplexity, mean perplexity once the cache is
     full (the "summary", over the positions every method scored), and the attention on the first
-    `num_sinks` tokens per layer and head. `recompute_stride`: see the module docstring."""
+    `num_sinks` tokens per layer and head. `recompute_stride`: see the module docstring. The
+    per-token NLLs [B, L - 1] (NaN: not scored) are under "nll" (numpy: not for JSON)."""
     if not 0 < num_sinks < cache_len < streams_BL.shape[1]:
         raise ValueError(
             f"streaming: need 0 < num_sinks < cache_len < stream length, got {num_sinks}, "
@@ -142,10 +144,13 @@ def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_ME
         stride = result.get("recompute_stride", 1)
         nlls[method] = method_nll(model, params, streams_BL, method, cache_len, num_sinks, stride)
         log(f"{name or 'model'}: {method} in {time.perf_counter() - t0:.0f} s")
-    scored = np.all([np.isfinite(n) for n in nlls.values()], axis=0)[:, cache_len:]
+    common = np.all([np.isfinite(n) for n in nlls.values()], axis=0)
+    scored = common[:, cache_len:]
     for method, nll in nlls.items():
         key = f"{name}_{method}" if name else method
         starts, ppl = binned(nll, result["bin_size"])
+        _, ppl_common = binned(np.where(common, nll, np.nan), result["bin_size"])
+        result.setdefault("nll", {})[key] = nll
         after = float(np.exp(nll[:, cache_len:][scored].mean()))
         result["methods"][key] = dict(
             model=name,
@@ -153,6 +158,7 @@ def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_ME
             label=f"{name}: {names[method]}" if name else names[method],
             bin_start=starts.tolist(),
             perplexity=ppl.tolist(),
+            perplexity_common=ppl_common.tolist(),  # on the positions every method scored
             perplexity_after_cache_full=after,
             positions_scored=int(np.isfinite(nll[:, cache_len:]).sum()),
         )
@@ -331,71 +337,5 @@ def binned(nll_BL, bin_size):
     return np.arange(0, n, bin_size), np.exp(per_bin)
 
 
-def plot(result, path=None):
-    """Perplexity against position for every method (left) and each method's ratio to its
-    model's recomputed window (right); the cache length marked, a second model dashed."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.2))
-    methods = result["methods"]
-    for r in methods.values():
-        ls = "--" if r["model"] else "-"
-        line = ax.plot(r["bin_start"], r["perplexity"], ls=ls, marker="o", ms=3, label=r["label"])
-        ref = methods.get(f"{r['model']}_recompute" if r["model"] else "recompute")
-        if ref is not None and r["method"] != "recompute":
-            ratio = np.asarray(r["perplexity"]) / np.asarray(ref["perplexity"])
-            ax_ratio.plot(r["bin_start"], ratio, ls=ls, marker="o", ms=3, color=line[0].get_color())
-    for a in (ax, ax_ratio):
-        a.axvline(result["cache_len"], color="gray", ls=":", lw=1)
-        a.set_xlabel("position in the stream (tokens; dotted: the cache is full)")
-        a.set_yscale("log")
-    ax.set_ylabel(f"perplexity (bins of {result['bin_size']})")
-    ax.legend(fontsize=7)
-    ax_ratio.axhline(1.0, color="gray", lw=0.8)
-    ax_ratio.set_ylabel("perplexity / the model's recomputed window")
-    fig.suptitle(
-        f"Streaming: cache of {result['cache_len']} tokens ({result['num_sinks']} sinks), "
-        f"{result['num_streams']} streams of {result['stream_len']}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_attention(result, path=None):
-    """Per layer and head, the share of attention on the first tokens (and on a learned sink
-    logit) against an even spread over the visible keys: one panel per model."""
-    import matplotlib.pyplot as plt
-
-    models = result["attention"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
-    for ax, (name, a) in zip(axes[0], models.items(), strict=True):
-        first = np.asarray(a["first_tokens"])
-        layers, heads = first.shape
-        x = np.arange(layers * heads) + np.repeat(np.arange(layers), heads)  # gaps between layers
-        width = 0.4 if a["sink_logit"] is not None else 0.8
-        ax.bar(x, first.ravel(), width, label=f"first {result['num_sinks']} tokens")
-        if a["sink_logit"] is not None:
-            ax.bar(x + width, np.asarray(a["sink_logit"]).ravel(), width, label="learned sink")
-        ax.axhline(a["even_spread"], color="k", ls="--", lw=1, label="even spread")
-        ax.set_xticks(x, [f"{h}" for _ in range(layers) for h in range(heads)], fontsize=7)
-        ax.set_xlabel("head, grouped by layer (0, 1, ...)")
-        ax.set_ylabel("share of attention")
-        ax.set_yscale("log")
-        ax.set_title("no learned sink" if name == "model" else name, fontsize=10)
-        ax.legend(fontsize=7)
-    fig.suptitle(
-        f"Attention of the queries in the second half of a {result['cache_len']}-token window",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path):
-    if path is not None:
-        import matplotlib.pyplot as plt
-
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+# The plots, where the notebooks and experiments have always found them.
+plot, plot_attention = streaming_plots.plot, streaming_plots.plot_attention
