@@ -6,44 +6,12 @@
 Tensors are dequantised to float32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
 K-quants Q2_K..Q6_K; others are refused by name), q/k rows are put back in Hugging Face's order,
 and the run directory is the one experiments/import_hf.py writes (config.json, the parameters
-sharded over every device, hf/ with config.json, tokenizer.json and the chat template).
+sharded over every device, hf/ with config.json, tokenizer.json and the chat template). The same
+flags as import_hf.py (--config, --param_dtype, --num_cpu_devices), which runs it.
 """
 
-import os
-
-from absl import app, flags
-from ml_collections import config_flags
-
-_GGUF = flags.DEFINE_string("gguf", None, "The GGUF file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to write.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"),
-    "The training config the run gets (mesh, task, attention); its model is replaced.",
-    lock_config=True,
-)
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "The weights' dtype.")
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
-
-
-def main(argv):
-    del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
-    from ringattn.hf.convert import describe
-    from ringattn.hf.gguf_import import import_gguf
-
-    if not (_GGUF.value and _WORKDIR.value):
-        raise app.UsageError("--gguf and --workdir are required.")
-    config = import_gguf(
-        os.path.expanduser(_GGUF.value),
-        os.path.expanduser(_WORKDIR.value),
-        _CONFIG.value,
-        param_dtype=_PARAM_DTYPE.value,
-    )
-    print(f"{describe(config)} -> {_WORKDIR.value}")
-
+import import_hf  # experiments/import_hf.py: its flags and main take --gguf
+from absl import app
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(import_hf.main)
