@@ -18,6 +18,7 @@ import os
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run (default: the fetched SmolLM2's).")
+_GGUF = flags.DEFINE_string("gguf", None, "The file transformers loads (default: the fetched one).")
 _PROMPT_LENS = flags.DEFINE_list("prompt_lens", ["2048", "8128"], "Prompt lengths (tokens).")
 _STEPS = flags.DEFINE_integer("steps", 64, "Timed decode steps.")
 _SINK_CACHE = flags.DEFINE_integer("sink_cache_len", 1024, "Sink + window cache slots (0: skip).")
@@ -56,8 +57,9 @@ def main(argv):
     torch.set_num_threads(os.cpu_count())
     workdir = os.path.expanduser(_WORKDIR.value or fetch.run_dir())
     cfg, params = bench.model_and_params(workdir)
+    gguf = os.path.expanduser(_GGUF.value or fetch.gguf_path())
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        fetch.default_dir(), gguf_file=fetch.GGUF_NAME, dtype=torch.float32
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
     ).eval()
     n, steps, repeats = _NUM_DEVICES.value, _STEPS.value, _REPEATS.value
     rows = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,10 +40,10 @@ def run_dir(directory=None):
 
 
 def is_imported(directory=None):
+    """Whether the run directory is complete (its tokenizer is written last)."""
     run = run_dir(directory)
-    return os.path.exists(os.path.join(run, "config.json")) and os.path.isdir(
-        os.path.join(run, "checkpoints")
-    )
+    need = ("config.json", "checkpoints", os.path.join("hf", "tokenizer.json"))
+    return all(os.path.exists(os.path.join(run, n)) for n in need)
 
 
 def sha256(path):
@@ -84,5 +85,6 @@ def fetch_model(base, directory=None, log=print):
     run = run_dir(directory)
     if not is_imported(directory):
         log(f"importing {path} -> {run}")
+        shutil.rmtree(run, ignore_errors=True)  # an import cut short
         import_gguf(path, run, base)
     return run

@@ -34,7 +34,7 @@ LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-ROPE_SCALINGS = ("none", "linear", "yarn")
+ROPE_SCALINGS = ("none", "linear")  # llama.cpp's YaRN keys (beta, attention factor) are not mapped
 
 
 def _error(what, expected, got):
@@ -114,13 +114,10 @@ def hf_config(meta: Metadata, tensor_names) -> dict:
     scaling = meta.get(p + "rope.scaling.type") or "none"
     if scaling not in ROPE_SCALINGS:
         raise _error(f"`{p}rope.scaling.type`", f"one of {ROPE_SCALINGS}", scaling)
-    if scaling != "none":
-        factor = float(meta.need(p + "rope.scaling.factor"))
-        rope = dict(rope_type=scaling, factor=factor)
-        if scaling == "yarn":
-            original = meta.need(p + "rope.scaling.original_context_length")
-            rope["original_max_position_embeddings"] = int(original)
-        hf["rope_scaling"] = rope
+    if scaling == "linear":
+        hf["rope_scaling"] = dict(
+            rope_type="linear", factor=float(meta.need(p + "rope.scaling.factor"))
+        )
     for key in ("bos_token_id", "eos_token_id"):
         if meta.get(f"tokenizer.ggml.{key}") is not None:
             hf[key] = int(meta.get(f"tokenizer.ggml.{key}"))

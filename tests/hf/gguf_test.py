@@ -11,6 +11,7 @@ from ringattn.evals.logits import Forward
 from ringattn.evals.restore import load_run
 from ringattn.hf import dequant
 from ringattn.hf.gguf_import import import_gguf, open_gguf, unpermute_rows
+from ringattn.hf.tokenizer import files_from_gguf
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package (pip install -e '.[gguf]')")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
@@ -121,8 +122,9 @@ def write_gguf(path, tensors, arch="llama", kinds=KINDS, **extra):
     vocab += [f"t{i}" for i in range(V - len(vocab))]
     w.add_token_list(vocab), w.add_token_types([3, 3] + [1] * (V - 2))
     w.add_token_merges(["a b", "Ġ a"]), w.add_bos_token_id(0), w.add_eos_token_id(1)
+    kinds = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32}
     for key, value in extra.items():
-        w.add_key_value(key, value, gguf.GGUFValueType.UINT32)
+        w.add_key_value(key, value, kinds.get(type(value), gguf.GGUFValueType.UINT32))
     for j, (name, x) in enumerate(tensors.items()):
         heads = {"q_proj": H, "k_proj": K}.get(name.split(".")[-2])
         x = llama_cpp_rows(x, heads) if heads else x
@@ -160,9 +162,25 @@ def test_refusals_name_what_is_unsupported(tmp_path):
     write_gguf(tmp_path / "moe.gguf", tensors, **{"llama.expert_count": 8})
     with pytest.raises(ValueError, match="expert_count"):
         open_gguf(str(tmp_path / "moe.gguf"))
+    scaled = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    write_gguf(tmp_path / "linear.gguf", tensors, **scaled)
+    hf, _, _ = open_gguf(str(tmp_path / "linear.gguf"))
+    assert hf["rope_scaling"] == dict(rope_type="linear", factor=4.0)
+    assert (hf["rope_theta"], hf["num_key_value_heads"], hf["tie_word_embeddings"]) == (
+        500,
+        K,
+        False,
+    )
+    write_gguf(tmp_path / "yarn.gguf", tensors, **{"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match="rope.scaling.type.*yarn"):
+        open_gguf(str(tmp_path / "yarn.gguf"))
     write_gguf(tmp_path / "neox.gguf", tensors, arch="gptneox")
     with pytest.raises(ValueError, match="general.architecture.*gptneox"):
         open_gguf(str(tmp_path / "neox.gguf"))
+    with pytest.raises(ValueError, match="tokenizer.ggml.model.*'llama'"):
+        files_from_gguf({"tokenizer.ggml.model": "llama"})  # SentencePiece
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre.*'llama-bpe'"):
+        files_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"})
     del tensors["model.layers.1.mlp.up_proj.weight"]
     write_gguf(tmp_path / "missing.gguf", tensors)
     with pytest.raises(ValueError, match="missing"):
