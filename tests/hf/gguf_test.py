@@ -122,9 +122,9 @@ def write_gguf(path, tensors, arch="llama", kinds=KINDS, **extra):
     vocab += [f"t{i}" for i in range(V - len(vocab))]
     w.add_token_list(vocab), w.add_token_types([3, 3] + [1] * (V - 2))
     w.add_token_merges(["a b", "Ġ a"]), w.add_bos_token_id(0), w.add_eos_token_id(1)
-    kinds = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32}
+    types = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32}
     for key, value in extra.items():
-        w.add_key_value(key, value, kinds.get(type(value), gguf.GGUFValueType.UINT32))
+        w.add_key_value(key, value, types.get(type(value), gguf.GGUFValueType.UINT32))
     for j, (name, x) in enumerate(tensors.items()):
         heads = {"q_proj": H, "k_proj": K}.get(name.split(".")[-2])
         x = llama_cpp_rows(x, heads) if heads else x
