@@ -8,6 +8,7 @@ The model comes from `python experiments/fetch_model.py` (the install step of .c
 $RINGATTN_SMOLLM2 or ~/.cache/ringattn/smollm2; without it these tests skip."""
 
 import argparse
+import dataclasses
 import functools
 import os
 import typing
@@ -207,3 +208,21 @@ def test_full_model_logits_and_perplexity_equal_transformers():
     assert err < 1e-4, err
     assert abs(ppl - ref_ppl) < 1e-4 * ref_ppl
     assert 5 < ppl < 20  # a real language model on Python source
+
+
+@pytest.mark.slow
+def test_generate_answers_in_text():
+    """What the README shows: greedy decoding after "The capital of France is" (plain text) and
+    after the chat template (stopping at its end-of-turn token) says Paris."""
+    cfg, params = ours()
+    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="blockwise"))
+    tok = load_tokenizer(fetch.run_dir())
+    model = gen.decoding_model(cfg)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompts = [tok.encode("The capital of France is"), tok.encode(chat, add_special_tokens=False)]
+    batch = gen.prompt_batch(prompts)
+    caches = gen.init_caches(cfg, gen.CacheSpec("full", max_len=batch["tokens"].shape[1] + 12), 2)
+    out = gen.generate(model, params, batch, caches, 12)
+    plain, answer = (tok.decode(gen.until_eos(t, tok.eos_id)) for t in out["tokens"])
+    assert plain.startswith(" Paris."), plain
+    assert answer == "The capital of France is Paris.", answer
