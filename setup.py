@@ -25,6 +25,9 @@ setup(
         "numpy",
         # Hugging Face checkpoints (ringattn/hf/): read and written through its numpy API.
         "safetensors",
+        # An imported model's tokenizer and chat template (ringattn/hf/tokenizer.py).
+        "tokenizers",
+        "jinja2",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "nbformat", "nbclient", "ipykernel", "ruff"],
@@ -33,6 +36,9 @@ setup(
         "notebooks": ["jupyter", "ipykernel"],
         # Parity tests against Hugging Face transformers (tests/hf/). Keep this torch pin: here
         # and in CI it is a CPU build already on disk; another pin downloads a multi-GB CUDA one.
-        "hf": ["torch==2.13.0", "transformers"],
+        # gguf + accelerate: transformers' own GGUF loader, the reference of tests/hf/gguf_test.py.
+        "hf": ["torch==2.13.0", "transformers", "gguf", "accelerate"],
+        # llama.cpp GGUF files (experiments/import_gguf.py, fetch_model.py): llama.cpp's reader.
+        "gguf": ["gguf"],
     },
 )

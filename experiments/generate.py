@@ -6,8 +6,13 @@ with the KV cache sharded along the sequence over the devices (it never moves).
       --temperature=0.8 --top_k=20 --max_new_tokens=256
   python experiments/generate.py --workdir=/tmp/passkey --prompt=... --num_devices=1
   python experiments/generate.py --workdir=/tmp/passkey --prompt_file=long.txt --prefill_chunk=512
+  python experiments/generate.py --workdir=~/.cache/ringattn/smollm2/run --chat \
+      --prompt="What is the capital of France?"
 
-Prints the continuation and the prefill time and decode tokens per second (compilation excluded).
+Prompts are encoded with the run's tokenizer (ringattn/hf/tokenizer.py: an imported model's own,
+bytes for our runs); --chat applies the model's chat template. Generation stops at its end-of-
+sequence token. Prints the continuation and the prefill time and decode tokens per second
+(compilation excluded).
 """
 
 import os
@@ -21,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens (bytes) to generate.")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt as a user message in the chat template.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample at this temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -45,7 +51,7 @@ def main(argv):
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import generate as gen
     from ringattn.evals.restore import load_run
-    from ringattn.train import data as data_lib
+    from ringattn.hf.tokenizer import load_tokenizer
 
     if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):
         raise app.UsageError("Give exactly one of --prompt and --prompt_file.")
@@ -55,8 +61,12 @@ def main(argv):
     if _PROMPT_FILE.value:
         with open(os.path.expanduser(_PROMPT_FILE.value), encoding="utf-8") as f:
             text = f.read()
-    run = load_run(_WORKDIR.value, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
-    prompt = data_lib.encode(text)
+    workdir = os.path.expanduser(_WORKDIR.value)
+    run = load_run(workdir, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
+    tok = load_tokenizer(workdir)
+    if _CHAT.value:
+        text = tok.apply_chat_template([{"role": "user", "content": text}])
+    prompt = tok.encode(text, add_special_tokens=not _CHAT.value)
     if _CACHE.value == "full":
         spec = gen.CacheSpec("full", max_len=len(prompt) + _MAX_NEW.value, quantize=_INT8.value)
     else:
@@ -79,7 +89,8 @@ def main(argv):
         seed=_SEED.value,
         prefill_chunk=_PREFILL_CHUNK.value,
     )
-    print(text + data_lib.decode(out["tokens"][0]))
+    answer = tok.decode(gen.until_eos(out["tokens"][0], tok.eos_id))
+    print(answer if _CHAT.value else text + answer)
     n = gen.num_shards(run.model_cfg, run.mesh)
     print(
         f"\n[checkpoint {run.step} | {len(prompt)} prompt tokens | cache {spec.kind}"

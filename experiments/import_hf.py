@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory.")
+_GGUF = flags.DEFINE_string("gguf", None, "Or a llama.cpp GGUF file (experiments/import_gguf.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to write.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -24,7 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "The training config the run gets (mesh, task, attention); its model is replaced.",
     lock_config=True,
 )
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", None, "Cast the weights (default: keep).")
+_PARAM_DTYPE = flags.DEFINE_string(
+    "param_dtype", None, "Cast the weights (default: keep; float32 from a GGUF file)."
+)
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
 
 
@@ -33,21 +36,21 @@ def main(argv):
     from ringattn.mesh import start_entrypoint
 
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
-    from ringattn.hf.convert import import_checkpoint
+    from ringattn.hf.convert import describe, import_checkpoint
+    from ringattn.hf.gguf_import import import_gguf
 
-    if not (_HF_DIR.value and _WORKDIR.value):
-        raise app.UsageError("--hf_dir and --workdir are required.")
-    config = import_checkpoint(
-        os.path.expanduser(_HF_DIR.value),
-        os.path.expanduser(_WORKDIR.value),
-        _CONFIG.value,
-        param_dtype=_PARAM_DTYPE.value,
-    )
-    m = config.model
-    print(
-        f"imported {m.num_layers} layers, d {m.d_model}, {m.num_heads}/{m.num_kv_heads} heads, "
-        f"vocabulary {m.vocab_size}, {m.param_dtype}, RoPE {m.rope.scaling} -> {_WORKDIR.value}"
-    )
+    if (_HF_DIR.value is None) == (_GGUF.value is None) or not _WORKDIR.value:
+        raise app.UsageError("--workdir and one of --hf_dir and --gguf are required.")
+    workdir = os.path.expanduser(_WORKDIR.value)
+    if _GGUF.value:
+        dtype = _PARAM_DTYPE.value or "float32"
+        config = import_gguf(
+            os.path.expanduser(_GGUF.value), workdir, _CONFIG.value, param_dtype=dtype
+        )
+    else:
+        source = os.path.expanduser(_HF_DIR.value)
+        config = import_checkpoint(source, workdir, _CONFIG.value, param_dtype=_PARAM_DTYPE.value)
+    print(f"{describe(config)} -> {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

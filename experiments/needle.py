@@ -5,6 +5,12 @@ needle depths, answers decoded with the KV cache; a heatmap ("lost in the middle
   python experiments/needle.py --workdir=/tmp/passkey --out=/tmp/needle_rope \
       --rope_scaling=none,linear,ntk,yarn,llama3            # 1x, 2x, 4x the training length
 
+A pretrained model (a run with a tokenizer, e.g. experiments/fetch_model.py's) gets the
+natural-language passkey prompt (ringattn/evals/needle.py) at its trained length and below:
+
+  python experiments/needle.py --workdir=~/.cache/ringattn/smollm2/run --out=/tmp/needle_smollm2 \
+      --lengths=1024,2048,4096,8192 --num_samples=1
+
 Writes DIR/needle.json (a list of {rope_scaling, length, depth, accuracy, num_samples}) and
 DIR/needle.png. Lengths default to 1x, 2x and 4x the run's training length; beyond it each
 --rope_scaling stretches RoPE by length / training length (at the training length all are the
@@ -13,6 +19,7 @@ identity).
 
 import json
 import os
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -44,11 +51,16 @@ def main(argv):
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import needle
     from ringattn.evals.restore import load_run
+    from ringattn.hf.tokenizer import HFTokenizer, load_tokenizer
     from ringattn.train.trainer import curriculum
 
     if not (_WORKDIR.value and _OUT.value):
         raise app.UsageError("--workdir and --out are required.")
-    run = load_run(_WORKDIR.value, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
+    t0 = time.perf_counter()
+    workdir = os.path.expanduser(_WORKDIR.value)
+    run = load_run(workdir, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
+    tokenizer = load_tokenizer(workdir)
+    tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else None
     train_len = curriculum(run.config)[-1][1]
     lengths = [int(x) for x in _LENGTHS.value or [train_len, 2 * train_len, 4 * train_len]]
     print(f"checkpoint {run.step}, trained at {train_len} tokens; mesh {dict(run.mesh.shape)}")
@@ -64,12 +76,13 @@ def main(argv):
         batch_size=_BATCH.value,
         seed=_SEED.value,
         quantize=_INT8.value,
+        tokenizer=tokenizer,
     )
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "needle.json"), "w") as f:
         json.dump(rows, f, indent=1)
     needle.plot_heatmap(rows, os.path.join(_OUT.value, "needle.png"))
-    print(f"wrote {_OUT.value}/needle.json and needle.png")
+    print(f"wrote {_OUT.value}/needle.json and needle.png in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

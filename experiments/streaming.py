@@ -9,7 +9,18 @@ with learned sink logits, window only and recomputed.
   python experiments/streaming.py --workdir=/tmp/stream_lm --sinks_run=/tmp/stream_ls \
       --out=/tmp/streaming
 
-Writes DIR/streaming.json (per-bin perplexities; "summary": perplexity once the cache is full per
+A pretrained model (an imported run with its tokenizer) streams real text instead:
+
+  python experiments/streaming.py --workdir=~/.cache/ringattn/smollm2/run --cache_len=256 \
+      --text_files=$(python -c "import argparse, typing, inspect, dataclasses as d; print(','.join(
+      m.__file__ for m in (argparse, typing, inspect, d)))") --recompute_stride=16 --out=DIR
+
+each file one stream (its first --stream_multiple x --cache_len tokens, encoded with the run's
+tokenizer); --recompute_stride=k reruns the sliding window at every k-th position only (the
+summary is then over those positions for every method).
+
+Writes DIR/streaming_nll.npz (the streams and every method's per-token NLL), DIR/streaming.json
+(per-bin perplexities; "summary": perplexity once the cache is full per
 method; "ratios"; per layer and head the attention on the first tokens), DIR/streaming.png and
 DIR/attention_sinks.png. The streams are the "eval" split of the text the model was trained on
 (files it never saw), concatenated, starting with BOS when the run trained with BOS documents.
@@ -17,7 +28,9 @@ DIR/attention_sinks.png. The streams are the "eval" split of the text the model 
 
 import json
 import os
+import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -32,6 +45,10 @@ _NUM_SINKS = flags.DEFINE_integer("num_sinks", 4, "Sink tokens kept from the str
 _MULTIPLE = flags.DEFINE_integer("stream_multiple", 8, "Stream length / cache length.")
 _STREAMS = flags.DEFINE_integer("num_streams", 4, "Streams (different file orders) averaged.")
 _BIN = flags.DEFINE_integer("bin_size", 128, "Positions per perplexity bin.")
+_TEXT_FILES = flags.DEFINE_list(
+    "text_files", None, "Stream these files (one stream each) through the run's tokenizer."
+)
+_STRIDE = flags.DEFINE_integer("recompute_stride", 1, "Recompute the window every k positions.")
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
 
 
@@ -42,15 +59,22 @@ def main(argv):
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import streaming
     from ringattn.evals.restore import load_run
+    from ringattn.hf.tokenizer import load_tokenizer
     from ringattn.train.trainer import curriculum
 
     if not (_WORKDIR.value and _OUT.value):
         raise app.UsageError("--workdir and --out are required.")
-    run = load_run(_WORKDIR.value, config=_CONFIG.value, num_devices=1)
+    t0 = time.perf_counter()
+    workdir = os.path.expanduser(_WORKDIR.value)
+    run = load_run(workdir, config=_CONFIG.value, num_devices=1)
     cache_len = _CACHE_LEN.value or curriculum(run.config)[-1][1]
     length = _MULTIPLE.value * cache_len
-    streams = streaming.eval_streams(run.config.task_params, length, _STREAMS.value)
-    print(f"checkpoint {run.step}; {_STREAMS.value} streams of {length} tokens, cache {cache_len}")
+    if _TEXT_FILES.value:
+        files = [os.path.expanduser(f) for f in _TEXT_FILES.value]
+        streams = streaming.text_streams(load_tokenizer(workdir), files, length)
+    else:
+        streams = streaming.eval_streams(run.config.task_params, length, _STREAMS.value)
+    print(f"checkpoint {run.step}; {len(streams)} streams of {length} tokens, cache {cache_len}")
     result = streaming.evaluate(
         run.model_cfg,
         run.params,
@@ -58,6 +82,7 @@ def main(argv):
         cache_len=cache_len,
         num_sinks=_NUM_SINKS.value,
         bin_size=_BIN.value,
+        recompute_stride=_STRIDE.value,
     )
     if _SINKS_RUN.value:
         sinks = load_run(_SINKS_RUN.value, num_devices=1)
@@ -67,13 +92,16 @@ def main(argv):
             result, "learned_sinks", sinks.model_cfg, sinks.params, sink_streams
         )
     result["ratios"] = streaming.ratios(result["summary"])
+    result["wall_time_s"] = time.perf_counter() - t0
     print("summary:", json.dumps(result["summary"]), "\nratios:", json.dumps(result["ratios"]))
     os.makedirs(_OUT.value, exist_ok=True)
+    nll = result.pop("nll")
+    np.savez_compressed(os.path.join(_OUT.value, "streaming_nll.npz"), streams=streams, **nll)
     with open(os.path.join(_OUT.value, "streaming.json"), "w") as f:
         json.dump(result, f, indent=1)
     streaming.plot(result, os.path.join(_OUT.value, "streaming.png"))
     streaming.plot_attention(result, os.path.join(_OUT.value, "attention_sinks.png"))
-    print(f"wrote {_OUT.value}/streaming.json, streaming.png and attention_sinks.png")
+    print(f"wrote {_OUT.value}/streaming.json, streaming_nll.npz (per-token NLL), streaming.png")
 
 
 if __name__ == "__main__":

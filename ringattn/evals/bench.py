@@ -50,13 +50,18 @@ def on_devices(cfg: ModelConfig, params, n):
     return cfg, mesh, jax.device_put(params, NamedSharding(mesh, P()))
 
 
-def decode_throughput(cfg, params, n, cache_len, batch=1, steps=64, repeats=3, seed=0):
-    """Best of `repeats`: prefill a random prompt of cache_len - steps tokens, decode `steps`."""
+def decode_throughput(
+    cfg, params, n, cache_len, batch=1, steps=64, repeats=3, seed=0, cache="full", num_sinks=4
+):
+    """Best of `repeats`: prefill a random prompt of cache_len - steps tokens, decode `steps`;
+    `cache` "full" or "sink_window" (`num_sinks` + the rest of cache_len: StreamingLLM's)."""
     cfg, mesh, params = on_devices(cfg, params, n)
     rng = np.random.default_rng(seed)
     prompt_len = cache_len - steps
     prompts = list(rng.integers(32, 127, (batch, prompt_len)))
     spec = gen.CacheSpec("full", max_len=cache_len)
+    if cache == "sink_window":
+        spec = gen.CacheSpec(cache, num_sinks=num_sinks, window=cache_len - num_sinks)
     model = gen.decoding_model(cfg, mesh)
     best = None
     for _ in range(repeats):
@@ -69,9 +74,12 @@ def decode_throughput(cfg, params, n, cache_len, batch=1, steps=64, repeats=3, s
     per_device = cache_lib.cache_bytes(best["caches"][0]) * cfg.num_layers / n
     return dict(
         devices=n,
+        cache=cache,
         cache_len=cache_len,
         batch=batch,
+        prompt_len=prompt_len,
         prefill_s=best["prefill_s"],
+        prefill_tokens_per_s=batch * prompt_len / best["prefill_s"],
         decode_tokens_per_s=best["tokens_per_s"],
         ms_per_step=1e3 / best["tokens_per_s"] * batch,
         cache_mib_per_device=per_device / 2**20,

@@ -200,6 +200,13 @@ def prefill_in_chunks(pre, params, batch, caches, chunk):
     return logits_BV, caches
 
 
+def until_eos(tokens, eos_id):
+    """`tokens` [T] cut before the first `eos_id` (all of them when it is None or absent)."""
+    tokens = np.asarray(tokens).reshape(-1)
+    hits = np.flatnonzero(tokens == eos_id) if eos_id is not None else []
+    return tokens[: hits[0]] if len(hits) else tokens
+
+
 def sample(logits_BV, rng, temperature=0.0, top_k=0):
     """Greedy (temperature 0), else a draw from softmax(logits / temperature), restricted to
     the top_k most likely tokens when top_k > 0. Returns int32 [B]."""

@@ -7,13 +7,19 @@ which is what makes evicting them matter.
 
     result = evaluate(cfg, params, streams, cache_len=256)             # "dense", "window", ...
     result = add_model(result, "learned_sinks", cfg2, params2, streams)  # window + recompute
-    plot(result, "streaming.png"); plot_attention(result, "attention_sinks.png")
+    streams = text_streams(tokenizer, files, 2048)  # a pretrained model: its tokenizer, any text
+
+The recomputed window costs a forward pass of `cache_len` tokens per scored token: on a real
+model, `recompute_stride=k` scores every k-th position only, and every method's summary is then
+taken over those positions (the per-bin curves of the others keep every position).
+    streaming_plots.plot(result, "streaming.png")  # and plot_attention: attention_sinks.png
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +27,7 @@ import numpy as np
 import optax
 
 from ringattn.evals import generate as gen
+from ringattn.evals import streaming_plots
 from ringattn.nn.model import Transformer
 from ringattn.nn.rope import apply_rope
 from ringattn.train.corpus import text_stream
@@ -48,6 +55,21 @@ def eval_streams(task_params, length, num_streams):
     )
 
 
+def text_streams(tokenizer, files, length):
+    """[len(files), length] int32: the first `length` tokens of each text file, encoded with the
+    run's tokenizer (ringattn/hf/tokenizer.py) as one document."""
+    rows = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            ids = tokenizer.encode(f.read())
+        if len(ids) < length:
+            raise ValueError(
+                f"text_streams: {path} has {len(ids)} tokens, fewer than the stream's {length}."
+            )
+        rows.append(ids[:length])
+    return np.stack(rows).astype(np.int32)
+
+
 def labels(cache_len, num_sinks):
     return dict(
         dense="dense, no eviction",
@@ -57,12 +79,13 @@ def labels(cache_len, num_sinks):
     )
 
 
-def method_nll(model, params, streams_BL, method, cache_len, num_sinks):
-    """NLL [B, L - 1] of each next token under one of METHODS."""
+def method_nll(model, params, streams_BL, method, cache_len, num_sinks, recompute_stride=1):
+    """NLL [B, L - 1] of each next token under one of METHODS (recompute: NaN at the positions
+    its stride skips)."""
     if method == "dense":
         return np.asarray(_window_forward(model)(params, jnp.asarray(streams_BL, jnp.int32)))
     if method == "recompute":
-        return recompute_nll(model, params, streams_BL, cache_len)
+        return recompute_nll(model, params, streams_BL, cache_len, stride=recompute_stride)
     if method == "window":
         spec = gen.CacheSpec("window", window=cache_len)
     elif method == "sink_window":
@@ -73,10 +96,21 @@ def method_nll(model, params, streams_BL, method, cache_len, num_sinks):
 
 
 def evaluate(
-    cfg, params, streams_BL, *, cache_len, num_sinks=4, bin_size=128, methods=METHODS, log=print
+    cfg,
+    params,
+    streams_BL,
+    *,
+    cache_len,
+    num_sinks=4,
+    bin_size=128,
+    methods=METHODS,
+    recompute_stride=1,
+    log=print,
 ):
     """`methods` on the streams [B, L]: per-bin perplexity, mean perplexity once the cache is
-    full (the "summary"), and the attention on the first `num_sinks` tokens per layer and head."""
+    full (the "summary", over the positions every method scored), and the attention on the first
+    `num_sinks` tokens per layer and head. `recompute_stride`: see the module docstring. The
+    per-token NLLs [B, L - 1] (NaN: not scored) are under "nll" (numpy: not for JSON)."""
     if not 0 < num_sinks < cache_len < streams_BL.shape[1]:
         raise ValueError(
             f"streaming: need 0 < num_sinks < cache_len < stream length, got {num_sinks}, "
@@ -88,6 +122,7 @@ def evaluate(
         stream_len=int(streams_BL.shape[1]),
         num_streams=int(streams_BL.shape[0]),
         bin_size=bin_size,
+        recompute_stride=recompute_stride,
         methods={},
         summary={},
         attention={},
@@ -103,18 +138,29 @@ def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_ME
     params = gen.decoding_params(cfg, params)
     cache_len, num_sinks = result["cache_len"], result["num_sinks"]
     names = labels(cache_len, num_sinks)
+    nlls = {}
     for method in methods:
+        t0 = time.perf_counter()
+        stride = result.get("recompute_stride", 1)
+        nlls[method] = method_nll(model, params, streams_BL, method, cache_len, num_sinks, stride)
+        log(f"{name or 'model'}: {method} in {time.perf_counter() - t0:.0f} s")
+    common = np.all([np.isfinite(n) for n in nlls.values()], axis=0)
+    scored = common[:, cache_len:]
+    for method, nll in nlls.items():
         key = f"{name}_{method}" if name else method
-        nll = method_nll(model, params, streams_BL, method, cache_len, num_sinks)
         starts, ppl = binned(nll, result["bin_size"])
-        after = float(np.exp(nll[:, cache_len:].mean()))
+        _, ppl_common = binned(np.where(common, nll, np.nan), result["bin_size"])
+        result.setdefault("nll", {})[key] = nll
+        after = float(np.exp(nll[:, cache_len:][scored].mean()))
         result["methods"][key] = dict(
             model=name,
             method=method,
             label=f"{name}: {names[method]}" if name else names[method],
             bin_start=starts.tolist(),
             perplexity=ppl.tolist(),
+            perplexity_common=ppl_common.tolist(),  # on the positions every method scored
             perplexity_after_cache_full=after,
+            positions_scored=int(np.isfinite(nll[:, cache_len:]).sum()),
         )
         result["summary"][key] = after
         log(f"{key}: perplexity after the cache is full {after:.3f}")
@@ -168,22 +214,45 @@ def _stream_nll(model, params, tokens_BL, caches):
     return nll.T
 
 
-def recompute_nll(model, params, tokens_BL, window, chunk=64):
+def recompute_nll(model, params, tokens_BL, window, chunk=64, stride=1):
     """NLL [B, L - 1] with the model rerun for every token on the last `window` tokens (fewer at
-    the start), at positions 0..window-1: the exact sliding-window reference."""
+    the start), at positions 0..window-1: the exact sliding-window reference. With `stride` > 1
+    only every stride-th window runs (NaN elsewhere), for models too large to rerun per token."""
     tokens_BL = np.asarray(tokens_BL, np.int32)
     b, length = tokens_BL.shape
-    fwd = _window_forward(model)
     head = min(window, length)
-    nll = [np.asarray(fwd(params, tokens_BL[:, :head]))[:, : head - 1]]  # a prefix: causal
-    starts = np.arange(length - window)  # window [s, s + window) predicts token s + window
+    nll = np.full((b, length - 1), np.nan, np.float32)
+    prefix = _window_forward(model)(params, tokens_BL[:, :head])  # causal: exact for a prefix
+    nll[:, : head - 1] = np.asarray(prefix)[:, : head - 1]
+    starts = np.arange(0, length - window, stride)  # window [s, s + window) predicts s + window
+    last = _last_nll(model)
     for i in range(0, len(starts), chunk):
         s = starts[i : i + chunk]
         idx = s[:, None] + np.arange(window + 1)[None]  # the window and its next token
         win = tokens_BL[:, idx].reshape(-1, window + 1)
-        last = np.asarray(fwd(params, win))[:, -1]
-        nll.append(last.reshape(b, len(s)))
-    return np.concatenate(nll, axis=1)
+        nll[:, s + window - 1] = np.asarray(last(params, win)).reshape(b, len(s))
+    return nll
+
+
+@functools.cache
+def _last_nll(model):
+    """jit: tokens [N, W + 1] -> NLL [N] of the last token given the W before it (positions
+    0..W-1), with the vocabulary projection of that one position only."""
+
+    def run(module, tokens, pos):
+        x = module.embed(tokens)
+        for layer in module.layers:
+            x, _ = layer(x, pos, jnp.ones_like(tokens))
+        return module.logits(x[:, -1:])[:, 0]
+
+    @jax.jit
+    def fwd(params, tokens):
+        context = tokens[:, :-1]
+        pos = jnp.broadcast_to(jnp.arange(context.shape[1], dtype=jnp.int32), context.shape)
+        logits = model.apply({"params": params}, context, pos, method=run)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, -1])
+
+    return fwd
 
 
 @functools.cache
@@ -260,75 +329,13 @@ def even_share(t, num_first=4):
 def binned(nll_BL, bin_size):
     """(bin starts, perplexity of each bin averaged over rows and positions)."""
     n = nll_BL.shape[1] // bin_size * bin_size
-    per_bin = np.asarray(nll_BL)[:, :n].reshape(nll_BL.shape[0], -1, bin_size).mean(axis=(0, 2))
+    per_bin = np.asarray(nll_BL)[:, :n].reshape(nll_BL.shape[0], -1, bin_size)
+    scored = np.isfinite(per_bin)  # NaN: positions a strided recompute skipped
+    count = scored.sum(axis=(0, 2))
+    total = np.where(scored, per_bin, 0.0).sum(axis=(0, 2))
+    per_bin = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return np.arange(0, n, bin_size), np.exp(per_bin)
 
 
-def plot(result, path=None):
-    """Perplexity against position for every method (left) and each method's ratio to its
-    model's recomputed window (right); the cache length marked, a second model dashed."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.2))
-    methods = result["methods"]
-    for r in methods.values():
-        ls = "--" if r["model"] else "-"
-        line = ax.plot(r["bin_start"], r["perplexity"], ls=ls, marker="o", ms=3, label=r["label"])
-        ref = methods.get(f"{r['model']}_recompute" if r["model"] else "recompute")
-        if ref is not None and r["method"] != "recompute":
-            ratio = np.asarray(r["perplexity"]) / np.asarray(ref["perplexity"])
-            ax_ratio.plot(r["bin_start"], ratio, ls=ls, marker="o", ms=3, color=line[0].get_color())
-    for a in (ax, ax_ratio):
-        a.axvline(result["cache_len"], color="gray", ls=":", lw=1)
-        a.set_xlabel("position in the stream (tokens; dotted: the cache is full)")
-        a.set_yscale("log")
-    ax.set_ylabel(f"perplexity (bins of {result['bin_size']})")
-    ax.legend(fontsize=7)
-    ax_ratio.axhline(1.0, color="gray", lw=0.8)
-    ax_ratio.set_ylabel("perplexity / the model's recomputed window")
-    fig.suptitle(
-        f"Streaming: cache of {result['cache_len']} tokens ({result['num_sinks']} sinks), "
-        f"{result['num_streams']} streams of {result['stream_len']}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_attention(result, path=None):
-    """Per layer and head, the share of attention on the first tokens (and on a learned sink
-    logit) against an even spread over the visible keys: one panel per model."""
-    import matplotlib.pyplot as plt
-
-    models = result["attention"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
-    for ax, (name, a) in zip(axes[0], models.items(), strict=True):
-        first = np.asarray(a["first_tokens"])
-        layers, heads = first.shape
-        x = np.arange(layers * heads) + np.repeat(np.arange(layers), heads)  # gaps between layers
-        width = 0.4 if a["sink_logit"] is not None else 0.8
-        ax.bar(x, first.ravel(), width, label=f"first {result['num_sinks']} tokens")
-        if a["sink_logit"] is not None:
-            ax.bar(x + width, np.asarray(a["sink_logit"]).ravel(), width, label="learned sink")
-        ax.axhline(a["even_spread"], color="k", ls="--", lw=1, label="even spread")
-        ax.set_xticks(x, [f"{h}" for _ in range(layers) for h in range(heads)], fontsize=7)
-        ax.set_xlabel("head, grouped by layer (0, 1, ...)")
-        ax.set_ylabel("share of attention")
-        ax.set_yscale("log")
-        ax.set_title("no learned sink" if name == "model" else name, fontsize=10)
-        ax.legend(fontsize=7)
-    fig.suptitle(
-        f"Attention of the queries in the second half of a {result['cache_len']}-token window",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path):
-    if path is not None:
-        import matplotlib.pyplot as plt
-
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+# The plots, where the notebooks and experiments have always found them.
+plot, plot_attention = streaming_plots.plot, streaming_plots.plot_attention

@@ -69,7 +69,21 @@ def import_checkpoint(hf_dir, workdir, base, *, param_dtype=None, devices=None):
         hf = json.load(f)
     checkpoint = weights_lib.Checkpoint(hf_dir)
     dtype = param_dtype or checkpoint.dtype("model.embed_tokens.weight")
-    config = imported_config(hf, base, dtype)
+    config = write_run(hf, checkpoint, workdir, base, dtype, devices)
+    keep = os.path.join(workdir, HF_SUBDIR)
+    os.makedirs(keep, exist_ok=True)
+    for name in os.listdir(hf_dir):
+        path = os.path.join(hf_dir, name)
+        if os.path.isfile(path) and not name.endswith(WEIGHT_FILES):
+            shutil.copy(path, keep)
+    return config
+
+
+def write_run(hf, checkpoint, workdir, base, param_dtype, devices=None):
+    """The run directory of the HF model `hf` (a config.json dict) whose tensors `checkpoint`
+    (weights.Checkpoint's interface) holds: `<workdir>/config.json` (`base` with the model's
+    fields, weights in `param_dtype`) and the parameters as checkpoint 0. Returns the config."""
+    config = imported_config(hf, base, param_dtype)
     cfg = model_config(config.model)
     mesh = _placement_mesh(cfg, devices)
     abstract = _abstract_params(cfg, mesh)
@@ -80,16 +94,28 @@ def import_checkpoint(hf_dir, workdir, base, *, param_dtype=None, devices=None):
         ckpt.save(0, {"params": params}, {})
     finally:
         ckpt.close()
-    keep = os.path.join(workdir, HF_SUBDIR)
-    os.makedirs(keep, exist_ok=True)
-    for name in os.listdir(hf_dir):
-        path = os.path.join(hf_dir, name)
-        if os.path.isfile(path) and not name.endswith(WEIGHT_FILES):
-            shutil.copy(path, keep)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
     return config
+
+
+def write_hf_files(workdir, hf, files):
+    """`<workdir>/hf/config.json` (`hf`) and `files` ({name: text}: tokenizer files ...)."""
+    keep = os.path.join(workdir, HF_SUBDIR)
+    os.makedirs(keep, exist_ok=True)
+    for name, text in {"config.json": json.dumps(hf, indent=2), **files}.items():
+        with open(os.path.join(keep, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def describe(config):
+    """One line on an imported run's model."""
+    m = config.model
+    return (
+        f"imported {m.num_layers} layers, d {m.d_model}, {m.num_heads}/{m.num_kv_heads} heads, "
+        f"vocabulary {m.vocab_size}, {m.param_dtype}, RoPE {m.rope.scaling}"
+    )
 
 
 def hf_template_dir(workdir, max_depth=8):

@@ -202,3 +202,9 @@ def test_prompt_padding_follows_the_layout():
         batch["positions"], [[0, 1, 2, 3, 4, -1, -1, -1], [0, 1] + [-1] * 6]
     )
     np.testing.assert_array_equal(batch["lengths"], [5, 2])
+
+
+def test_until_eos():
+    np.testing.assert_array_equal(gen.until_eos(np.array([[5, 2, 7, 2]]), 2), [5])
+    np.testing.assert_array_equal(gen.until_eos([5, 7], 2), [5, 7])
+    np.testing.assert_array_equal(gen.until_eos([5, 2], None), [5, 2])

@@ -102,3 +102,37 @@ def test_eval_streams_start_with_bos_when_trained_with_it():
     assert (with_bos[:, 0] == BOS).all() and (with_bos[:, 1:] != BOS).all()
     np.testing.assert_array_equal(with_bos[:, 1:], without[:, :-1])
     assert (without != BOS).all() and not np.array_equal(without[0], without[1])
+
+
+def test_strided_recompute_scores_every_kth_window_and_summaries_share_positions(tmp_path):
+    model = gen.decoding_model(CFG)
+    s = streams(2)
+    every = streaming.recompute_nll(model, params(), s, CACHE)
+    strided = streaming.recompute_nll(model, params(), s, CACHE, stride=5)
+    scored = np.isfinite(strided)
+    want = np.zeros_like(scored)
+    want[:, : CACHE - 1] = True  # the prefix: one causal pass
+    want[:, CACHE - 1 :: 5] = True
+    np.testing.assert_array_equal(scored, want)
+    np.testing.assert_allclose(strided[scored], every[scored], rtol=1e-5)
+    result = streaming.evaluate(
+        CFG, params(), s, cache_len=CACHE, num_sinks=SINKS, bin_size=4, recompute_stride=5,
+        methods=("window", "recompute"), log=quiet,
+    )  # fmt: skip
+    at = want[:, CACHE:]
+    window = streaming.method_nll(model, params(), s, "window", CACHE, SINKS)
+    assert result["summary"]["window"] == pytest.approx(np.exp(window[:, CACHE:][at].mean()))
+    assert result["methods"]["recompute"]["positions_scored"] == at.sum()
+
+
+def test_text_streams_are_each_files_first_tokens(tmp_path):
+    from ringattn.hf.tokenizer import ByteTokenizer
+
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("x" * 50)
+    files[1].write_text("héllo " * 10)
+    got = streaming.text_streams(ByteTokenizer(), files, 40)
+    assert got.shape == (2, 40) and got.dtype == np.int32
+    assert bytes(got[1].astype(np.uint8)) == ("héllo " * 10).encode()[:40]
+    with pytest.raises(ValueError, match="a.txt has 50 tokens"):
+        streaming.text_streams(ByteTokenizer(), files, 60)

@@ -215,3 +215,23 @@ def test_decode_benchmark_chunked_prefill(tmp_path):
     # 1024 tokens x (K + V: 2 x 8 heads x 128 x 2 bytes + int32 position) over the devices
     assert four["cache_mib_per_device"] == pytest.approx(1024 * (2 * 8 * 128 * 2 + 4) / 4 / 2**20)
     assert all(four[f"{s}_temp_mib"] > 0 for s in times)
+
+
+def test_natural_language_passkey_prompt():
+    """The pretrained models' prompt: at most `length` tokens, the needle after `depth` of the
+    filler sentences, the key's digits right after "The pass key is"."""
+    from ringattn.hf.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    for depth in (0.0, 0.5, 1.0):
+        ids, key = needle.text_prompt(tok, np.random.default_rng(3), 1000, depth)
+        text = tok.decode(ids)
+        assert 1000 - len(needle.FILLER) < len(ids) <= 1000 and len(key) == 5
+        assert text.startswith(needle.INTRO) and text.endswith(needle.QUESTION)
+        before, after = text.split(needle.NEEDLE.format(key=key))
+        n_before, n_after = before.count(needle.FILLER), after.count(needle.FILLER)
+        assert n_before == round(depth * (n_before + n_after))
+    cases = needle.prompts(1000, 0.25, 2, tokenizer=tok)
+    assert cases[0][1] != cases[1][1]
+    with pytest.raises(ValueError, match="no room"):
+        needle.text_prompt(tok, np.random.default_rng(0), 200, 0.5)
