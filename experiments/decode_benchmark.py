@@ -121,9 +121,10 @@ def prefill_check():
 
     if not _WORKDIR.value:
         raise app.UsageError("--prefill_check_text needs --workdir (a run with a tokenizer).")
-    run = load_run(_WORKDIR.value)
+    workdir = os.path.expanduser(_WORKDIR.value)
+    run = load_run(workdir)
     with open(os.path.expanduser(_P_CHECK_TEXT.value), encoding="utf-8") as f:
-        tokens = load_tokenizer(_WORKDIR.value).encode(f.read())[: _P_CHECK_TOKENS.value]
+        tokens = load_tokenizer(workdir).encode(f.read())[: _P_CHECK_TOKENS.value]
     params = decoding_params(run.model_cfg, run.params)
     rows = []
     for strategy in _P_CHECK_STRATEGIES.value:

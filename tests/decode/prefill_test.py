@@ -101,14 +101,13 @@ def on_mesh(mesh, strategy, layout, **kw):
     return call
 
 
-CASES = [  # (strategy, chunk layout, cache layout, variants)
+CASES = [  # (strategy, chunk layout, cache layout, variants): each strategy on both caches
     ("pass_kv", "zigzag", "striped", dict(sinks=True)),
     ("pass_kv", "contiguous", "contiguous", dict(window=5, cap=3.0)),
     ("pass_q", "striped", "contiguous", dict(sinks=True, cap=3.0)),
     ("pass_q", "contiguous", "striped", dict(window=20)),
     ("decode", "striped", "striped", dict(window=5, sinks=True)),
     ("decode", "zigzag", "contiguous", dict()),
-    ("auto", "striped", "striped", dict(cap=3.0)),
 ]
 
 

@@ -61,11 +61,6 @@ def test_generate_script(passkey_run):
     assert out.startswith("The pass key is")
     assert "checkpoint 0 | 15 prompt tokens | cache full over 8 device(s)" in out
     assert "tokens/s" in out
-    # A 51-byte prompt in 4 chunks of 16: the greedy continuation of the whole-prompt prefill.
-    prompt = "--prompt=The pass key is 90210. Remember it. The pass key is"
-    runs = [run_script("generate", f"--workdir={passkey_run}", prompt, "--max_new_tokens=4", *c)
-            for c in ((), ("--prefill_chunk=16",))]  # fmt: skip
-    assert runs[0].splitlines()[0] == runs[1].splitlines()[0]
 
 
 @pytest.mark.slow
