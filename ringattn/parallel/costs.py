@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import NamedTuple
 
 import numpy as np
-from absl import logging
 
 from ringattn.attention.masks import SKIP
 from ringattn.parallel import layouts, prefill_costs, ring, schedule
@@ -300,7 +300,8 @@ def choose_strategy(
     """The feasible strategy with the lowest estimated time (`estimate_costs`, default
     hardware constants unless `hardware` is given): one of ring/allgather/ulysses for one axis,
     "hybrid" for a pair; with `cached_len`, one of pass_kv/pass_q/decode (chunked prefill).
-    Why it chose is logged (absl INFO: the winner's `Estimate.why` and the others' times)."""
+    Why it chose is logged (INFO, logger ringattn.parallel.costs: the winner's `Estimate.why`
+    and the others' times)."""
     est = estimate_costs(**locals())  # exactly this function's keyword arguments
     ok = [e for e in est.values() if e.feasible]
     if not ok:
@@ -308,7 +309,7 @@ def choose_strategy(
         raise ValueError(f"choose_strategy: no strategy can run this attention ({reasons}).")
     best = min(ok, key=lambda e: e.time_s)
     others = ", ".join(f"{e.strategy} {e.time_s:.3g} s" for e in ok if e is not best)
-    logging.info("choose_strategy: %s (others: %s)", best.why, others or "none")
+    logging.getLogger(__name__).info("choose_strategy: %s (others: %s)", best.why, others or "none")
     return best.strategy
 
 

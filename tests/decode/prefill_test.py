@@ -234,7 +234,7 @@ def test_cost_model_areas_count_the_visible_pairs():
     )
 
 
-def test_cost_model_picks_by_the_ratio_of_chunk_to_cache():
+def test_cost_model_picks_by_the_ratio_of_chunk_to_cache(caplog):
     def best(q_len, cached_len, **kw):
         est = estimates(q_len, cached_len, **kw)
         return min(est.values(), key=lambda e: e.time_s).strategy
@@ -245,6 +245,7 @@ def test_cost_model_picks_by_the_ratio_of_chunk_to_cache():
     est = estimates(1024, 131072)
     assert est["pass_kv"].bytes_moved > 10 * est["pass_q"].bytes_moved  # the cache stays
     assert "exposed communication" in est["pass_q"].why
+    caplog.set_level("INFO", logger="ringattn.parallel.costs")
     assert ringattn.choose_strategy(**{
         k: v for k, v in dict(
             batch=1, q_len=2048, kv_len=2048, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -252,6 +253,7 @@ def test_cost_model_picks_by_the_ratio_of_chunk_to_cache():
             local_window_size=None, layout="striped", cached_len=131072,
         ).items()
     }) == "pass_q"  # fmt: skip
+    assert "choose_strategy: pass_q: 8 steps" in caplog.text and "decode" in caplog.text
     pair = estimates(1024, 4096, mesh_axis_sizes={"x": 2, "y": 4}, axis_name=("x", "y"))
     assert not any(e.feasible for e in pair.values())
     with pytest.raises(ValueError, match="`cache_slots` must be a multiple of the 8"):
