@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringattn.attention.kernels.xla import from_storage, to_storage
+
 KINDS = ("full", "sink_window", "window")
 LAYOUTS = ("contiguous", "striped")
 
@@ -249,15 +251,10 @@ def write(cache: KVCache, k_new, v_new, pos_new, shard=0):
     rows = jnp.arange(idx.shape[0])[:, None]
 
     def put(x, new):
-        new = new.astype(x.dtype)
-        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
-            # Narrow floats scatter as their bits: XLA:CPU would widen the whole cache to f32
-            # and back around a bf16 scatter (a copy of it twice the size); elsewhere it is free.
-            bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
-            as_bits = lambda a: jax.lax.bitcast_convert_type(a, bits)  # noqa: E731
-            out = as_bits(x).at[rows, idx].set(as_bits(new), mode="drop")
-            return jax.lax.bitcast_convert_type(out, x.dtype)
-        return x.at[rows, idx].set(new, mode="drop")
+        # Narrow floats scatter as their bits: XLA:CPU would widen the whole cache to f32 and
+        # back around a bf16 scatter (a copy of it twice the size); elsewhere it is free.
+        out = to_storage(x).at[rows, idx].set(to_storage(new.astype(x.dtype)), mode="drop")
+        return from_storage(out, x.dtype)
 
     if cache.quantized:
         (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)

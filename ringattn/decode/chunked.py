@@ -45,6 +45,7 @@ from jax import lax
 from ringattn.attention import inputs
 from ringattn.attention.blockwise import add_sinks, make_config
 from ringattn.attention.kernels import base
+from ringattn.attention.kernels.xla import from_storage
 from ringattn.decode import cache as cache_lib
 from ringattn.parallel import prefill_costs, ring
 
@@ -93,17 +94,8 @@ def _keys(cfgs, src: Source) -> Keys:
 
 
 def _pass(cfg, qu: Queries, q_seg, keys, state):
-    """cfg.kernel's forward pass of the queries over prepared keys, unless the mask rules all
-    of them out."""
-    k_, v_, kpos, kseg = keys
-    qs = base.make_side(qu.pos, q_seg, cfg.block_q)
-    ks = base.kv_side(cfg, kpos, kseg)
-    return lax.cond(
-        ring.visible(cfg, qs, ks),
-        lambda s: cfg.kernel.fwd_pass(cfg, qu.q_, k_, v_, qs, ks, s),
-        lambda s: s,
-        state,
-    )
+    """The ring's forward step of the queries (segments q_seg) over prepared keys."""
+    return ring.forward_step(cfg, qu.q_, base.make_side(qu.pos, q_seg, cfg.block_q), keys, state)
 
 
 def _attend(cfgs, qu: Queries, keys: Keys, state):
@@ -117,8 +109,8 @@ def _attend(cfgs, qu: Queries, keys: Keys, state):
 def _chunk_tokens(cfg, keys: Keys, length):
     """The chunk's (k, v, positions) [B, length ...] back from its prepared form (to write)."""
     k_, v_, pos, _ = keys.chunk
-    back = lambda x: x if x.dtype == cfg.dtype else lax.bitcast_convert_type(x, cfg.dtype)  # noqa: E731
-    return back(k_[:, :length]), back(v_[:, :length]), pos[:, :length]
+    back = lambda x: from_storage(x[:, :length], cfg.dtype)  # noqa: E731
+    return back(k_), back(v_), pos[:, :length]
 
 
 def prefix(cache, bound, n):

@@ -41,8 +41,11 @@ class _Call:
     cache_bound: int | None
 
 
-def _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn):
-    """(_Call without the resolved strategy, segments [B, c], sinks) of a checked call."""
+def _check(fn, args):
+    """(_Call without the resolved strategy, segments [B, c], sinks) of a call whose arguments
+    (its `locals()`, taken first thing) are `args`."""
+    q, k, v, q_pos, cache = (args[name] for name in ("q", "k", "v", "q_pos", "cache"))
+    strategy, cache_bound = args.get("strategy", "pass_kv"), args["cache_bound"]
     if not isinstance(cache, cache_lib.KVCache):
         raise TypeError(f"{fn}: `cache` must be a KVCache (init_cache), got {type(cache)}.")
     if cache.kind != "full":
@@ -57,7 +60,7 @@ def _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn):
         raise ValueError(f"{fn}: `cache_bound` must be None or an int >= 0, got {cache_bound!r}.")
     cache_lib.check_new(fn, cache, k, v, q_pos, names=("k", "v", "q_pos"))
     opts, m, sinks = inputs.check(
-        fn, q, k, v, segment_ids=segment_ids, q_positions=q_pos, kv_positions=q_pos, **attn
+        fn, q, k, v, q_positions=q_pos, kv_positions=q_pos, **inputs.keywords(args)
     )
     seg = m.q_seg if m.q_seg is not None else jnp.ones(np.shape(q_pos), jnp.int32)
     bound = None if cache_bound is None else int(cache_bound)
@@ -104,10 +107,9 @@ def prefill_attention(
 ):  # fmt: skip
     """(out [B, c, H, Dv], cache): the chunk against the cache (and itself) on one device, then
     written into it. Arguments as in `prefill_on_mesh`."""
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "prefill_attention"
-    attn = dict(causal=causal, local_window_size=local_window_size, scale=scale, sinks=sinks)
-    attn.update(logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, kernel=kernel)
-    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, segment_ids, "pass_kv", cache_bound, attn)
+    call, seg, sinks = _check(fn, args)
     out, lse, cache = _local_jit(call, "pass_kv", q, k, v, q_pos, seg, cache, sinks, None)
     return _finish(out, lse, cache, return_lse)
 
@@ -120,10 +122,9 @@ def sharded_prefill_attention(
     """`prefill_on_mesh` inside jax.shard_map: q/k/v/q_pos/segment_ids are this device's shard
     of the chunk, `cache` its shard of the cache; `layout` (the chunk's token order) only informs
     "auto". Returns this device's rows and its cache shard."""
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "sharded_prefill_attention"
-    attn = dict(causal=causal, local_window_size=local_window_size, scale=scale, sinks=sinks)
-    attn.update(logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, kernel=kernel)
-    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn)
+    call, seg, sinks = _check(fn, args)
     layouts.check_layout_name(fn, layout)
     chosen = choose(call, q, k, lax.axis_size(axis_name), layout, cache)
     out, lse, cache = _local_jit(call, chosen, q, k, v, q_pos, seg, cache, sinks, axis_name)
@@ -146,10 +147,9 @@ def prefill_on_mesh(
     local_window_size, scale, logits_soft_cap, sinks, block_q, block_k and kernel as in
     `ringattn.context_parallel_attention`. `cache_bound`: chunked.py.
     """
+    args = locals()  # the call's arguments, before any other name is bound
     fn = "prefill_on_mesh"
-    attn = dict(causal=causal, local_window_size=local_window_size, scale=scale, sinks=sinks)
-    attn.update(logits_soft_cap=logits_soft_cap, block_q=block_q, block_k=block_k, kernel=kernel)
-    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, segment_ids, strategy, cache_bound, attn)
+    call, seg, sinks = _check(fn, args)
     sharded.check_mesh(fn, cache, mesh, axis_name, batch_axis)
     n = mesh.shape[axis_name]
     layouts.check_layout(fn, layout, q.shape[1], n, "chunk length")

@@ -167,8 +167,8 @@ def prefill(model, params, batch, caches, cache_bound=0):
 
 
 def chunks(batch, chunk):
-    """`batch` (from prompt_batch) cut into pieces of `chunk` tokens (the last one padded), with
-    each piece's bound on the positions already prefilled, and which rows end in it."""
+    """`batch` (from prompt_batch) cut into pieces of `chunk` tokens (the last one padded):
+    (piece, its first position, which rows end in it)."""
     t = batch["tokens"].shape[1]
     lengths = np.asarray(batch["lengths"])
     for start in range(0, t, chunk):
@@ -275,10 +275,9 @@ def generate(
         compiled = {0: pre.lower(params, batch, caches, 0).compile()}
         run_prefill = lambda c: compiled[0](params, batch, c)  # noqa: E731
     else:
-        first = next(chunks(batch, prefill_chunk))[0]
-        t = batch["tokens"].shape[1]
-        bounds = {chunk_bound(s, prefill_chunk) for s in range(0, t, prefill_chunk)}
-        compiled = {b: pre.lower(params, first, caches, b).compile() for b in bounds}
+        pieces = list(chunks(batch, prefill_chunk))
+        bounds = {chunk_bound(start, prefill_chunk) for _, start, _ in pieces}
+        compiled = {b: pre.lower(params, pieces[0][0], caches, b).compile() for b in bounds}
         run_prefill = lambda c: prefill_in_chunks(  # noqa: E731
             lambda p, piece, c, bound: compiled[bound](p, piece, c), params, batch, c,
             prefill_chunk,

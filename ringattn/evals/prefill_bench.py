@@ -80,7 +80,7 @@ def _program(mesh, strategy, layout, bound):
             layout=layout,
             strategy=strategy,
             cache_bound=bound,
-        ),  # fmt: skip
+        ),
         donate_argnums=4,
     )
 
@@ -102,10 +102,8 @@ def measure(shape: Shape, n, cached, length, strategies=("pass_kv", "pass_q", "d
         row[f"{strategy}_temp_mib"] = (mem.temp_size_in_bytes if mem else float("nan")) / 2**20
     for _ in range(repeats):
         for strategy in strategies:
-            cache = filled_cache(shape, mesh, cached, slots)  # donated: a fresh one each run
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled[strategy](*args, cache))
-            best[strategy] = min(best.get(strategy, float("inf")), time.perf_counter() - t0)
+            seconds = _seconds(compiled[strategy], args, filled_cache(shape, mesh, cached, slots))
+            best[strategy] = min(best.get(strategy, float("inf")), seconds)
     for strategy in strategies:
         row[f"{strategy}_s"] = best[strategy]
         row[f"{strategy}_tokens_per_s"] = length / best[strategy]
@@ -121,6 +119,13 @@ def measure(shape: Shape, n, cached, length, strategies=("pass_kv", "pass_q", "d
     default = estimates(shape, n, cached, length, slots)
     row["default_hardware_choice"] = min(strategies, key=lambda s: default[s].time_s)
     return row
+
+
+def _seconds(compiled, args, cache):
+    """Seconds of one run of a compiled chunk step on a fresh cache (it is donated)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args, cache))
+    return time.perf_counter() - t0
 
 
 def estimates(shape: Shape, n, cached, length, slots, hardware=None):
@@ -146,12 +151,7 @@ def calibrate(n, shape: Shape = Shape(), length=2048):
         *args, filled_cache(shape, mesh, cached, slots)
     )
     compiled = fn.compile()
-    best = float("inf")
-    for _ in range(2):
-        cache = filled_cache(shape, mesh, cached, slots)
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args, cache))
-        best = min(best, time.perf_counter() - t0)
+    best = min(_seconds(compiled, args, filled_cache(shape, mesh, cached, slots)) for _ in range(2))
     flops = estimates(shape, n, cached, length, slots)["decode"].flops  # the busiest device's
     hop_s = lambda size, times: _hop_seconds(mesh, size, times)  # noqa: E731
     latency = hop_s(256, 20)  # 1 KiB a device: the fixed cost of a hop

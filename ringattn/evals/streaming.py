@@ -138,10 +138,9 @@ def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_ME
     params = gen.decoding_params(cfg, params)
     cache_len, num_sinks = result["cache_len"], result["num_sinks"]
     names = labels(cache_len, num_sinks)
-    nlls = {}
+    nlls, stride = {}, result.get("recompute_stride", 1)
     for method in methods:
         t0 = time.perf_counter()
-        stride = result.get("recompute_stride", 1)
         nlls[method] = method_nll(model, params, streams_BL, method, cache_len, num_sinks, stride)
         log(f"{name or 'model'}: {method} in {time.perf_counter() - t0:.0f} s")
     common = np.all([np.isfinite(n) for n in nlls.values()], axis=0)

@@ -23,7 +23,7 @@ from jax import lax
 from ringattn.attention import inputs, masks
 from ringattn.attention.blockwise import exact_attention, make_config
 from ringattn.attention.kernels import base
-from ringattn.attention.kernels.xla import to_storage
+from ringattn.attention.kernels.xla import from_storage, to_storage
 from ringattn.parallel import layouts
 
 
@@ -69,12 +69,9 @@ def plan_ring(spec, layout, n, q_len, kv_len) -> RingPlan:
 def send(tree, axis_name, n, shift=1):
     """Send every array of `tree` from each device r to r + shift. Narrow floats travel as bits
     (as the XLA kernel stores them), which keeps XLA:CPU from widening them to f32."""
-    leaves, treedef = jax.tree.flatten(tree)
-    bits = [to_storage(x) for x in leaves]
+    bits = jax.tree.map(to_storage, tree)
     bits = lax.ppermute(bits, axis_name, perm=[(i, (i + shift) % n) for i in range(n)])
-    out = [b if b.dtype == x.dtype else lax.bitcast_convert_type(b, x.dtype)
-           for b, x in zip(bits, leaves, strict=True)]  # fmt: skip
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.map(lambda b, x: from_storage(b, x.dtype), bits, tree)
 
 
 def visible(cfg, qs: base.Side, ks: base.Side):
@@ -83,6 +80,19 @@ def visible(cfg, qs: base.Side, ks: base.Side):
         cfg.spec, masks.reduce_ranges(qs.ranges), masks.reduce_ranges(ks.ranges)
     )
     return state != masks.SKIP
+
+
+def forward_step(cfg, q_, qs: base.Side, kv, state):
+    """cfg.kernel's forward pass of the queries (q_ and their side qs) over one k/v bundle
+    (base.prepare_kv's form), unless the mask rules all of it out."""
+    k_, v_, kpos, kseg = kv
+    ks = base.kv_side(cfg, kpos, kseg)
+    return lax.cond(
+        visible(cfg, qs, ks),
+        lambda s: cfg.kernel.fwd_pass(cfg, q_, k_, v_, qs, ks, s),
+        lambda s: s,
+        state,
+    )
 
 
 def ring_loop(n, axis_name, plan, compute, kv, carry, send_carry=False):
@@ -122,14 +132,7 @@ class Ring:
         qs, q_, kv = base.prepare(cfg, q, k, v, m)
 
         def compute(kv, state):
-            k_, v_, kpos, kseg = kv
-            ks = base.kv_side(cfg, kpos, kseg)
-            return lax.cond(
-                visible(cfg, qs, ks),
-                lambda c: kern.fwd_pass(cfg, q_, k_, v_, qs, ks, c),
-                lambda c: c,
-                state,
-            )
+            return forward_step(cfg, q_, qs, kv, state)
 
         n = lax.axis_size(self.axis_name)
         state = ring_loop(

@@ -34,6 +34,11 @@ def to_storage(x):
     return x
 
 
+def from_storage(x, dtype):
+    """The inverse of `to_storage`: x as `dtype` again (a bitcast where it was stored as bits)."""
+    return x if x.dtype == dtype else lax.bitcast_convert_type(x, dtype)
+
+
 def group_heads(x_BTHD, num_kv_heads):
     b, t, h, d = x_BTHD.shape
     return x_BTHD.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
@@ -45,8 +50,7 @@ def acc_dtype(cfg):
 
 def _tile(x, n, block, dtype):
     """Block n of x along axis 1, as `dtype` (see `to_storage`)."""
-    t = lax.dynamic_slice_in_dim(x, n * block, block, 1)
-    return t if t.dtype == dtype else lax.bitcast_convert_type(t, dtype)
+    return from_storage(lax.dynamic_slice_in_dim(x, n * block, block, 1), dtype)
 
 
 def _rows(x_BQKGD):
