@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
 
-from ringattn.attention import inputs, masks
+from ringattn.attention import inputs, keywords, masks
 from ringattn.attention.kernels import base, dispatch
 
 
@@ -117,25 +118,9 @@ def _attend_jit(fn, q, k, v, opts, m, sinks):
     return attend(fn, q, k, v, opts, m, sinks)
 
 
+@keywords.takes(keywords.AttentionKeywords)
 def blockwise_attention(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
-    return_lse=False,
-    tile_callback=None,
-    kernel="auto",
+    q, k, v, *, return_lse=False, **attention: Unpack[keywords.AttentionKeywords]
 ):
     """Exact attention in O(T) memory, same arguments and results as `reference_attention`.
 
@@ -146,8 +131,7 @@ def blockwise_attention(
     (kernels/dispatch.py); block_q / block_k are the XLA kernel's tiles (None: the platform's
     default, 512 on CPU and TPU, 1024 on GPU; fused kernels have their own).
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "blockwise_attention"
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args))
+    opts, m, sinks = inputs.check(fn, q, k, v, **attention)
     out, lse = _attend_jit(fn, q, k, v, opts, m, sinks)
     return (out, lse) if return_lse else out

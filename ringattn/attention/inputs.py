@@ -146,19 +146,6 @@ class Options:
     tile_callback: Callable | None = None
 
 
-# The keywords every attention function takes (reference_attention: no tiles, kernel or callback).
-KEYWORDS = ("causal", "local_window_size", "segment_ids", "kv_segment_ids", "q_positions")
-KEYWORDS += ("kv_positions", "scale", "logits_soft_cap", "sinks", "block_q", "block_k", "kernel")
-KEYWORDS += ("tile_callback",)
-
-
-def keywords(arguments):
-    """The attention keywords among a public function's arguments (its `locals()`, taken first
-    thing): each public function lists them in its signature, for users and their tools, and
-    hands them on to `check` in one line instead of re-listing them."""
-    return {name: arguments[name] for name in KEYWORDS if name in arguments}
-
-
 def check(
     fn,
     q,

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import jax.numpy as jnp
 
-from ringattn.attention import inputs, masks
+from ringattn.attention import inputs, keywords, masks
 
 
-def reference_attention(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    return_lse=False,
-):
+@keywords.takes(keywords.DenseKeywords)
+def reference_attention(q, k, v, *, return_lse=False, **attention: Unpack[keywords.DenseKeywords]):
     """softmax(mask(cap(q k^T * scale))) v with a T x S score matrix; lse is natural-log,
     [B, H, T].
 
@@ -31,8 +19,7 @@ def reference_attention(
     float32 at least (float64 when given float64). Queries that see no key get 0 and lse = -inf
     (lse = their sink with sinks).
     """
-    args = locals()  # the call's arguments, before any other name is bound
-    opts, m, sinks = inputs.check("reference_attention", q, k, v, **inputs.keywords(args))
+    opts, m, sinks = inputs.check("reference_attention", q, k, v, **attention)
     b, t, h, d = q.shape
     kh = k.shape[2]
     acc = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)

@@ -9,31 +9,32 @@ added once, after the merge.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ringattn.attention import inputs, masks
+from ringattn import deprecation
+from ringattn.attention import inputs, keywords, masks
 from ringattn.attention.blockwise import add_sinks
 from ringattn.decode import cache as cache_lib
 
 
 class Rule(NamedTuple):
     """A decode call's checked options: scale (a float), causal, rope (a callable or None), the
-    soft cap and the local window (None: none)."""
+    soft cap and the local window (None, or (left, right) as `inputs.normalize_window` gives)."""
 
     scale: float
     causal: bool
     rope: object
     cap: float | None
-    window: int | None
+    window: tuple[int, int] | None
 
 
-def check_attend(fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks):
+def check_attend(fn, q, q_pos, cache, rope, attention):
     """q [B, t, H, D] floating with H a multiple of the cache's K, q_pos [B, t] integer, and the
-    options; returns (Rule, sinks) normalised."""
+    options (`rope` and the DecodeKeywords `attention`); returns (Rule, sinks) normalised."""
     b, _, kh, d = cache.k.shape
     shape = tuple(np.shape(q))
     if len(shape) != 4 or shape[0] != b or shape[3] != d:
@@ -48,24 +49,18 @@ def check_attend(fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, loca
     if not jnp.issubdtype(jnp.result_type(q), jnp.floating):
         raise ValueError(f"{fn}: `q` must be floating, got {jnp.result_type(q)}.")
     cache_lib.check_positions(fn, "q_pos", q_pos, shape[:2])
+    scale, causal = attention["scale"], attention["causal"]
     if scale is not None and not isinstance(scale, (int, float, np.floating)):
         raise ValueError(f"{fn}: `scale` must be a Python float or None, got {scale!r}.")
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"{fn}: `causal` must be a bool, got {causal!r}.")
     if rope is not None and not callable(rope):
         raise ValueError(f"{fn}: `rope` must be None or a callable (x, positions), got {rope!r}.")
-    if local_window is not None and (
-        not isinstance(local_window, (int, np.integer)) or local_window < 0
-    ):
-        raise ValueError(
-            f"{fn}: `local_window` must be None or an int >= 0 (keys up to that many positions "
-            f"back are visible), got {local_window!r}."
-        )
+    window = inputs.normalize_window(fn, attention["local_window_size"])
     scale = 1.0 / float(np.sqrt(d)) if scale is None else float(scale)
-    cap = inputs.check_soft_cap(fn, logits_soft_cap)
-    return Rule(scale, bool(causal), rope, cap, local_window), inputs.check_sinks(
-        fn, sinks, shape[2]
-    )
+    cap = inputs.check_soft_cap(fn, attention["logits_soft_cap"])
+    sinks = inputs.check_sinks(fn, attention["sinks"], shape[2])
+    return Rule(scale, bool(causal), rope, cap, window), sinks
 
 
 def partial_attention(q, q_pos, cache, rule: Rule, kv_rope_pos=None, q_rope_pos=None):
@@ -93,7 +88,8 @@ def partial_attention(q, q_pos, cache, rule: Rule, kv_rope_pos=None, q_rope_pos=
     if rule.causal:
         visible_BtS &= kv_pos <= q_pos
     if rule.window is not None:
-        visible_BtS &= q_pos - kv_pos <= rule.window
+        left, right = rule.window
+        visible_BtS &= (q_pos - kv_pos <= left) & (kv_pos - q_pos <= right)
     p_BKGtS, lse_BKGt = masks.masked_softmax(s_BKGtS, visible_BtS[:, None, None])
     if cache.quantized:  # sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j: no dequantised V
         p_BKGtS = p_BKGtS * jnp.moveaxis(cache.v_scale, 1, 2)[:, :, None, None].astype(acc)
@@ -119,18 +115,10 @@ def finish(q, out, lse, sinks, return_lse):
     return (out, masks.public_lse(lse)) if return_lse else out
 
 
+@deprecation.renamed_keywords({"local_window": "local_window_size"})
+@keywords.takes(keywords.DecodeKeywords, causal=True)
 def attend(
-    q,
-    q_pos,
-    cache,
-    *,
-    scale=None,
-    causal=True,
-    rope=None,
-    logits_soft_cap=None,
-    local_window=None,
-    sinks=None,
-    return_lse=False,
+    q, q_pos, cache, *, rope=None, return_lse=False, **attention: Unpack[keywords.DecodeKeywords]
 ):
     """Attention of q [B, t, H, D] at positions q_pos [B, t] (negative: padding, output 0) to
     the cache's tokens; out [B, t, H, Dv] in q's dtype, computed in float32 (float64 for float64).
@@ -140,15 +128,11 @@ def attend(
     rotated at `cache_positions` (StreamingLLM positions for window kinds); without it they are
     used as given. Window kinds: query i of a chunk of t tokens sees the sinks and the last
     window - (t - 1 - i) tokens (the chunk is written before it is attended): exactly
-    StreamingLLM when decoding one token at a time. `local_window` w: a query at position p sees
-    the keys at positions p - w ... p (a model's sliding-window layer). `logits_soft_cap` and
-    `sinks` [H] as in `reference_attention`.
+    StreamingLLM when decoding one token at a time. `local_window_size` w: a query at position p
+    sees the keys at positions p - w ... p (a model's sliding-window layer), as everywhere.
     GQA: query heads are grouped [B, t, K, H/K, D]; KV heads are never repeated.
     """
-    fn = "attend"
-    rule, sinks = check_attend(
-        fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
-    )
+    rule, sinks = check_attend("attend", q, q_pos, cache, rope, attention)
     kv_rope, q_rope = cache_lib.cache_positions(cache, q_pos) if rope is not None else (None, None)
     out, lse = partial_attention(q, q_pos, cache, rule, kv_rope, q_rope)
     return finish(q, out, lse, sinks, return_lse)

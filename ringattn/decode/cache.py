@@ -14,7 +14,7 @@ so the sinks stay forever and the window is a ring buffer whose writes evict the
 positions older. Positions of one row must be distinct within an update and increase from one
 update to the next (a stream); a full cache drops tokens at positions >= max_len.
 
-A full cache split over n devices (sharded.py) places positions by its `layout`:
+A full cache split over n devices (sharded.py) places positions by its `cache_layout`:
 
     "contiguous":   slot = pos: shard r holds positions [r S/n, (r+1) S/n), so a prompt fills
                     the shards in order (device 0 first);
@@ -24,6 +24,8 @@ A full cache split over n devices (sharded.py) places positions by its `layout`:
                     filled slots of every shard are a prefix of it.
 
 Attention reads positions, never slots, so the layout changes where tokens live, not results.
+The default is "striped" (with num_shards = 1, the same as "contiguous"); window kinds are ring
+buffers, contiguous by construction.
 
 Positions for RoPE (StreamingLLM, Xiao et al. 2023, Sec. 3.2): a window cache rotates keys by
 their place in the cache, not in the text. Store keys *un-rotated* and let `attend(..., rope=...)`
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringattn import deprecation
 from ringattn.attention.kernels.xla import from_storage, to_storage
 
 KINDS = ("full", "sink_window", "window")
@@ -51,14 +54,14 @@ LAYOUTS = ("contiguous", "striped")
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["k", "v", "k_scale", "v_scale", "pos"],
-    meta_fields=["kind", "num_slots", "num_sinks", "window", "layout", "num_shards"],
+    meta_fields=["kind", "num_slots", "num_sinks", "window", "cache_layout", "num_shards"],
 )
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """k, v [B, S, K, D] (int8 when quantised), k_scale/v_scale [B, S, K] float32 or None,
     pos [B, S] int32 (-1: empty slot). Inside shard_map the arrays are a device's shard of the
-    sequence axis; `num_slots` is always the global S. `layout` / `num_shards`: where a full
-    cache places positions (module docstring)."""
+    sequence axis; `num_slots` is always the global S. `cache_layout` / `num_shards`: where a
+    full cache places positions (module docstring)."""
 
     k: jax.Array
     v: jax.Array
@@ -69,12 +72,23 @@ class KVCache:
     num_slots: int
     num_sinks: int
     window: int | None
-    layout: str = "contiguous"
+    cache_layout: str = "striped"
     num_shards: int = 1
 
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    @property
+    def striped(self) -> bool:
+        """Whether positions are spread round-robin over num_shards > 1 stripes (else slot =
+        position, as in a contiguous cache)."""
+        return self.cache_layout == "striped" and self.num_shards > 1
+
+    @property
+    def layout(self) -> str:
+        deprecation.warn("KVCache.layout", "KVCache.cache_layout")
+        return self.cache_layout
 
 
 def _is_int(x):
@@ -86,6 +100,7 @@ def _check_positive(fn, name, x):
         raise ValueError(f"{fn}: `{name}` must be a positive int, got {x!r}.")
 
 
+@deprecation.renamed_keywords({"layout": "cache_layout"})
 def init_cache(
     kind,
     batch,
@@ -98,23 +113,28 @@ def init_cache(
     window=None,
     quantize=False,
     v_head_dim=None,
-    layout="contiguous",
+    cache_layout=None,
     num_shards=1,
 ):
     """An empty cache. "full": `max_len` slots (window must be None). "sink_window":
     `num_sinks` + `window` slots for an unbounded stream (max_len must be None). "window":
     `window` slots (num_sinks must be 0, max_len None). `dtype` is the floating dtype of stored
     K/V, or of the values they stand for when `quantize` (then stored int8 + float32 scales).
-    `v_head_dim`: V's head dim when it is not K's (MLA-style models). `layout` "striped" spreads
-    a full cache's positions round-robin over the `num_shards` devices it will be sharded over
-    (module docstring); window kinds are contiguous ring buffers."""
+    `v_head_dim`: V's head dim when it is not K's (MLA-style models). `cache_layout` "striped" (the
+    default for a full cache) spreads its positions round-robin over the `num_shards` devices it
+    will be sharded over, "contiguous" keeps slot = position (module docstring); window kinds are
+    ring buffers ("contiguous", their only layout)."""
     fn = "init_cache"
     if kind not in KINDS:
         raise ValueError(f"{fn}: `kind` must be one of {KINDS}, got {kind!r}.")
-    if layout not in LAYOUTS:
-        raise ValueError(f"{fn}: `layout` must be one of {LAYOUTS}, got {layout!r}.")
+    if cache_layout is None:
+        cache_layout = "striped" if kind == "full" else "contiguous"
+    if cache_layout not in LAYOUTS:
+        raise ValueError(
+            f"{fn}: `cache_layout` must be one of {LAYOUTS} or None, got {cache_layout!r}."
+        )
     _check_positive(fn, "num_shards", num_shards)
-    if layout == "striped" and kind != "full":
+    if cache_layout == "striped" and kind != "full":
         raise ValueError(f"{fn}: only a 'full' cache can be 'striped', got kind={kind!r}.")
     for name, x in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         _check_positive(fn, name, x)
@@ -132,7 +152,7 @@ def init_cache(
                 f"num_sinks={num_sinks!r}."
             )
         size = int(max_len)
-        if layout == "striped" and size % num_shards:
+        if cache_layout == "striped" and size % num_shards:
             raise ValueError(
                 f"{fn}: a 'striped' cache needs `max_len` ({size}) to be a multiple of "
                 f"`num_shards` ({num_shards})."
@@ -162,7 +182,7 @@ def init_cache(
         num_slots=size,
         num_sinks=int(num_sinks),
         window=window,
-        layout=layout,
+        cache_layout=cache_layout,
         num_shards=int(num_shards),
     )
 
@@ -228,7 +248,7 @@ def slots(cache: KVCache, pos_new):
     pos = jnp.asarray(pos_new, jnp.int32)
     if cache.kind == "full":
         slot = pos
-        if cache.layout == "striped":
+        if cache.striped:
             n = cache.num_shards
             slot = pos % n * (cache.num_slots // n) + pos // n
         return jnp.where((pos >= 0) & (pos < cache.num_slots), slot, -1)

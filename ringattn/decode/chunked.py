@@ -114,13 +114,27 @@ def _chunk_tokens(cfg, keys: Keys, length):
 
 
 def prefix(cache, bound, n):
-    """The cache's first slots on this shard that may hold a position < bound (None: none)."""
+    """The cache's slots on this shard (of n) that may hold a position < bound (None: none):
+    the first ceil(bound / N) of each of its stripes (a striped cache over N shards: one stripe
+    per device on a mesh, all N on one device), or its first min(bound, S / n) slots."""
     if bound is None:
         return cache
-    length = prefill_costs.prefix_len(bound, n, cache.layout, cache.num_slots)
-    if length == 0:
+    if cache.striped:
+        stripes = cache.num_shards // n
+        per = prefill_costs.prefix_len(bound, cache.num_shards, "striped", cache.num_slots)
+    else:
+        stripes = 1
+        per = prefill_costs.prefix_len(bound, n, "contiguous", cache.num_slots)
+    per = min(per, cache.pos.shape[1] // stripes)
+    if per == 0:
         return None
-    cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
+
+    def cut(x):  # [B, stripes * S', ...] -> [B, stripes * per, ...]
+        if x is None:
+            return None
+        b, rest = x.shape[0], x.shape[2:]
+        return x.reshape(b, stripes, -1, *rest)[:, :, :per].reshape(b, stripes * per, *rest)
+
     arrays = ("k", "v", "k_scale", "v_scale", "pos")
     return dataclasses.replace(cache, **{name: cut(getattr(cache, name)) for name in arrays})
 

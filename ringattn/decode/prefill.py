@@ -4,6 +4,8 @@ naming the argument) and "auto" is resolved by the cost model.
 
     out, cache = prefill_on_mesh(q, k, v, q_pos, cache, mesh=mesh, layout="striped")
 
+One device: `prefill`; inside jax.shard_map: `sharded_prefill`; global arrays: `prefill_on_mesh`.
+
 q [B, c, H, D], k/v [B, c, K, D|Dv] (rotated already, for a full cache that stores rotated keys),
 q_pos [B, c] (negative: padding) and segment_ids [B, c] are the chunk's, in `layout` order; the
 cache must be a 'full' one. Returns the chunk's attention output (and lse with return_lse) and the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +24,13 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ringattn.attention import inputs
+from ringattn import deprecation
+from ringattn.attention import inputs, keywords
 from ringattn.attention.kernels import dispatch
 from ringattn.attention.masks import public_lse
 from ringattn.decode import cache as cache_lib
 from ringattn.decode import chunked, sharded
-from ringattn.parallel import costs, layouts
+from ringattn.parallel import costs, layouts, sharding
 
 STRATEGIES = chunked.STRATEGIES + ("auto",)
 
@@ -41,11 +45,8 @@ class _Call:
     cache_bound: int | None
 
 
-def _check(fn, args):
-    """(_Call without the resolved strategy, segments [B, c], sinks) of a call whose arguments
-    (its `locals()`, taken first thing) are `args`."""
-    q, k, v, q_pos, cache = (args[name] for name in ("q", "k", "v", "q_pos", "cache"))
-    strategy, cache_bound = args.get("strategy", "pass_kv"), args["cache_bound"]
+def _check(fn, q, k, v, q_pos, cache, strategy, cache_bound, attention):
+    """(_Call without the resolved strategy, segments [B, c], sinks) of a call."""
     if not isinstance(cache, cache_lib.KVCache):
         raise TypeError(f"{fn}: `cache` must be a KVCache (init_cache), got {type(cache)}.")
     if cache.kind != "full":
@@ -59,9 +60,7 @@ def _check(fn, args):
     if cache_bound is not None and (bad or cache_bound < 0):
         raise ValueError(f"{fn}: `cache_bound` must be None or an int >= 0, got {cache_bound!r}.")
     cache_lib.check_new(fn, cache, k, v, q_pos, names=("k", "v", "q_pos"))
-    opts, m, sinks = inputs.check(
-        fn, q, k, v, q_positions=q_pos, kv_positions=q_pos, **inputs.keywords(args)
-    )
+    opts, m, sinks = inputs.check(fn, q, k, v, q_positions=q_pos, kv_positions=q_pos, **attention)
     seg = m.q_seg if m.q_seg is not None else jnp.ones(np.shape(q_pos), jnp.int32)
     bound = None if cache_bound is None else int(cache_bound)
     return _Call(fn, opts, strategy, bound), seg, sinks
@@ -81,7 +80,7 @@ def choose(call: _Call, q, k, n, layout, cache):
         batch=b, q_len=t * n, kv_len=t * n, num_heads=h, num_kv_heads=kh, head_dim=d,
         dtype=jnp.result_type(q, k), mesh_axis_sizes={"x": n}, axis_name="x",
         causal=spec.causal, local_window_size=spec.window, layout=layout, cached_len=cached,
-        cache_layout=cache.layout, cache_slots=cache.num_slots,
+        cache_layout="striped" if cache.striped else "contiguous", cache_slots=cache.num_slots,
     )  # fmt: skip
 
 
@@ -100,42 +99,40 @@ def _finish(out, lse, cache, return_lse):
     return ((out, public_lse(lse)) if return_lse else out), cache
 
 
-def prefill_attention(
-    q, k, v, q_pos, cache, *, segment_ids=None, causal=True, local_window_size=None, scale=None,
-    logits_soft_cap=None, sinks=None, cache_bound=None, block_q=None, block_k=None,
-    kernel="auto", return_lse=False,
+@keywords.takes(keywords.PrefillKeywords, causal=True)
+def prefill(
+    q, k, v, q_pos, cache, *, cache_bound=None, return_lse=False,
+    **attention: Unpack[keywords.PrefillKeywords],
 ):  # fmt: skip
     """(out [B, c, H, Dv], cache): the chunk against the cache (and itself) on one device, then
     written into it. Arguments as in `prefill_on_mesh`."""
-    args = locals()  # the call's arguments, before any other name is bound
-    fn = "prefill_attention"
-    call, seg, sinks = _check(fn, args)
+    fn = "prefill"
+    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, "pass_kv", cache_bound, attention)
     out, lse, cache = _local_jit(call, "pass_kv", q, k, v, q_pos, seg, cache, sinks, None)
     return _finish(out, lse, cache, return_lse)
 
 
-def sharded_prefill_attention(
-    q, k, v, q_pos, cache, *, axis_name, strategy="auto", layout="contiguous", segment_ids=None,
-    causal=True, local_window_size=None, scale=None, logits_soft_cap=None, sinks=None,
-    cache_bound=None, block_q=None, block_k=None, kernel="auto", return_lse=False,
+@keywords.takes(keywords.PrefillKeywords, causal=True)
+def sharded_prefill(
+    q, k, v, q_pos, cache, *, axis_name, strategy="auto", layout="contiguous", cache_bound=None,
+    return_lse=False, **attention: Unpack[keywords.PrefillKeywords],
 ):  # fmt: skip
     """`prefill_on_mesh` inside jax.shard_map: q/k/v/q_pos/segment_ids are this device's shard
     of the chunk, `cache` its shard of the cache; `layout` (the chunk's token order) only informs
     "auto". Returns this device's rows and its cache shard."""
-    args = locals()  # the call's arguments, before any other name is bound
-    fn = "sharded_prefill_attention"
-    call, seg, sinks = _check(fn, args)
+    fn = "sharded_prefill"
+    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, strategy, cache_bound, attention)
     layouts.check_layout_name(fn, layout)
     chosen = choose(call, q, k, lax.axis_size(axis_name), layout, cache)
     out, lse, cache = _local_jit(call, chosen, q, k, v, q_pos, seg, cache, sinks, axis_name)
     return _finish(out, lse, cache, return_lse)
 
 
+@keywords.takes(keywords.PrefillKeywords, causal=True)
 def prefill_on_mesh(
     q, k, v, q_pos, cache, *, mesh, axis_name="context", batch_axis=None, layout="contiguous",
-    strategy="auto", segment_ids=None, causal=True, local_window_size=None, scale=None,
-    logits_soft_cap=None, sinks=None, cache_bound=None, block_q=None, block_k=None,
-    kernel="auto", return_lse=False,
+    strategy="auto", cache_bound=None, return_lse=False,
+    **attention: Unpack[keywords.PrefillKeywords],
 ):  # fmt: skip
     """(out [B, c, H, Dv], cache): a chunk of c new tokens against a cache sharded over
     `axis_name` (P(batch_axis, axis_name)), then written into it; chunked.py describes the
@@ -143,19 +140,24 @@ def prefill_on_mesh(
 
     q [B, c, H, D], k/v [B, c, K, D|Dv], q_pos and segment_ids [B, c] are global arrays in
     `layout` order (c a multiple of the devices, of twice that for zigzag), sharded over
-    `axis_name`; out comes back the same way (and lse [B, H, c] f32 with return_lse). causal,
-    local_window_size, scale, logits_soft_cap, sinks, block_q, block_k and kernel as in
-    `ringattn.context_parallel_attention`. `cache_bound`: chunked.py.
+    `axis_name`; out comes back the same way (and lse [B, H, c] f32 with return_lse).
+    `cache_bound`: chunked.py.
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "prefill_on_mesh"
-    call, seg, sinks = _check(fn, args)
+    call, seg, sinks = _check(fn, q, k, v, q_pos, cache, strategy, cache_bound, attention)
     sharded.check_mesh(fn, cache, mesh, axis_name, batch_axis)
     n = mesh.shape[axis_name]
     layouts.check_layout(fn, layout, q.shape[1], n, "chunk length")
     call = dataclasses.replace(call, strategy=choose(call, q, k, n, layout, cache))
     out, lse, cache = _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sinks)
     return _finish(out, lse, cache, return_lse)
+
+
+# The names before the three levels were named alike (docs/design.md's naming table).
+prefill_attention = deprecation.alias(prefill, "ringattn.decode.prefill.prefill_attention")
+sharded_prefill_attention = deprecation.alias(
+    sharded_prefill, "ringattn.decode.prefill.sharded_prefill_attention"
+)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 9))
@@ -169,8 +171,8 @@ def _local_jit(call, strategy, q, k, v, q_pos, seg, cache, sinks, axis_name):
 def _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sinks):
     rows = P(batch_axis, axis_name)
     seq = P(batch_axis, axis_name, None, None)
-    q, k, v = (sharded.place(x, mesh, seq) for x in (q, k, v))
-    q_pos, seg = (sharded.place(x, mesh, rows) for x in (q_pos, seg))
+    q, k, v = (sharding.place(x, mesh, seq) for x in (q, k, v))
+    q_pos, seg = (sharding.place(x, mesh, rows) for x in (q_pos, seg))
     cache = sharded.shard_cache(cache, mesh, axis_name, batch_axis)
 
     def local(q, k, v, q_pos, seg, cache, sinks):

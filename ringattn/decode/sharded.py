@@ -18,15 +18,19 @@ P(batch_axis) (batch_axis=None: replicated; a tuple of axes: split over all of t
 from __future__ import annotations
 
 import math
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringattn import deprecation
+from ringattn.attention import keywords
 from ringattn.decode import attend as attend_lib
 from ringattn.decode import cache as cache_lib
+from ringattn.parallel import sharding
 
 
 def check_shard(fn, cache, axis_name):
@@ -39,7 +43,7 @@ def check_shard(fn, cache, axis_name):
             f"slots over {n} devices of axis `axis_name` {axis_name!r} is "
             f"{cache.num_slots / n:g} each, got {s_loc}."
         )
-    if cache.layout == "striped" and cache.num_shards != n:
+    if cache.striped and cache.num_shards != n:
         raise ValueError(
             f"{fn}: a 'striped' cache made for {cache.num_shards} shards is sharded over the {n} "
             f"devices of axis `axis_name` {axis_name!r}; build it with num_shards={n}."
@@ -62,26 +66,16 @@ def sharded_cache_positions(cache, q_pos=None, *, axis_name):
     return cache_lib.positions_from_length(cache, q_pos, length)
 
 
+@deprecation.renamed_keywords({"local_window": "local_window_size"})
+@keywords.takes(keywords.DecodeKeywords, causal=True)
 def sharded_attend(
-    q,
-    q_pos,
-    cache,
-    *,
-    axis_name,
-    scale=None,
-    causal=True,
-    rope=None,
-    logits_soft_cap=None,
-    local_window=None,
-    sinks=None,
-    return_lse=False,
-):
+    q, q_pos, cache, *, axis_name, rope=None, return_lse=False,
+    **attention: Unpack[keywords.DecodeKeywords],
+):  # fmt: skip
     """`attend` inside shard_map: q/q_pos (and sinks) replicated, `cache` this device's shard;
     the result (replicated) is the same as attending to the whole cache."""
     fn = "sharded_attend"
-    rule, sinks = attend_lib.check_attend(
-        fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
-    )
+    rule, sinks = attend_lib.check_attend(fn, q, q_pos, cache, rope, attention)
     check_shard(fn, cache, axis_name)
     kv_rope, q_rope = (None, None)
     if rope is not None:
@@ -117,14 +111,6 @@ def check_mesh(fn, cache, mesh, axis_name, batch_axis):
         )
 
 
-def place(x, mesh, spec):
-    """`x` sharded as `spec`: reshard on Explicit mesh axes, a constraint on Auto ones."""
-    sharding = NamedSharding(mesh, spec)
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
-        return jax.reshard(x, sharding)
-    return jax.lax.with_sharding_constraint(x, sharding)
-
-
 def cache_sharding(cache, mesh, axis_name="context", batch_axis=None):
     """NamedShardings of the cache's arrays (a pytree like it; `cache` may hold
     jax.ShapeDtypeStruct), for jit's in/out_shardings, e.g. to create the cache sharded:
@@ -136,7 +122,7 @@ def cache_sharding(cache, mesh, axis_name="context", batch_axis=None):
 def shard_cache(cache, mesh, axis_name="context", batch_axis=None):
     """The cache with its sequence axis sharded over `axis_name` (P(batch_axis, axis_name))."""
     check_mesh("shard_cache", cache, mesh, axis_name, batch_axis)
-    return jax.tree.map(lambda x: place(x, mesh, P(batch_axis, axis_name)), cache)
+    return jax.tree.map(lambda x: sharding.place(x, mesh, P(batch_axis, axis_name)), cache)
 
 
 def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", batch_axis=None):
@@ -147,7 +133,7 @@ def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", b
     check_mesh(fn, cache, mesh, axis_name, batch_axis)
     cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
     seq, rows = P(batch_axis, axis_name), P(batch_axis)
-    new = [place(jnp.asarray(x), mesh, rows) for x in (k_new, v_new, pos_new)]
+    new = [sharding.place(jnp.asarray(x), mesh, rows) for x in (k_new, v_new, pos_new)]
 
     def local(cache, k_new, v_new, pos_new):
         return sharded_update(cache, k_new, v_new, pos_new, axis_name=axis_name)
@@ -157,41 +143,27 @@ def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", b
     )
 
 
+@deprecation.renamed_keywords({"local_window": "local_window_size"})
+@keywords.takes(keywords.DecodeKeywords, causal=True)
 def attend_on_mesh(
-    q,
-    q_pos,
-    cache,
-    *,
-    mesh,
-    axis_name="context",
-    batch_axis=None,
-    scale=None,
-    causal=True,
-    rope=None,
-    logits_soft_cap=None,
-    local_window=None,
-    sinks=None,
-    return_lse=False,
-):
+    q, q_pos, cache, *, mesh, axis_name="context", batch_axis=None, rope=None, return_lse=False,
+    **attention: Unpack[keywords.DecodeKeywords],
+):  # fmt: skip
     """`attend` to a global cache sharded over `axis_name`; q, q_pos and the result are
     replicated over it (sharded P(batch_axis) on the batch)."""
     fn = "attend_on_mesh"
     check_mesh(fn, cache, mesh, axis_name, batch_axis)
-    attend_lib.check_attend(
-        fn, q, q_pos, cache, scale, causal, rope, logits_soft_cap, local_window, sinks
-    )
-    options = dict(
-        scale=scale, causal=causal, rope=rope, logits_soft_cap=logits_soft_cap,
-        local_window=local_window,
-    )  # fmt: skip
+    attend_lib.check_attend(fn, q, q_pos, cache, rope, attention)
+    sinks = attention.pop("sinks")
 
     def local(q, q_pos, cache, sinks):
         return sharded_attend(
-            q, q_pos, cache, axis_name=axis_name, sinks=sinks, return_lse=True, **options
-        )
+            q, q_pos, cache, axis_name=axis_name, rope=rope, sinks=sinks, return_lse=True,
+            **attention,
+        )  # fmt: skip
 
     rows = P(batch_axis)
-    new = [place(jnp.asarray(x), mesh, rows) for x in (q, q_pos)]
+    new = [sharding.place(jnp.asarray(x), mesh, rows) for x in (q, q_pos)]
     out, lse = jax.shard_map(
         local,
         mesh=mesh,
@@ -199,3 +171,7 @@ def attend_on_mesh(
         out_specs=(rows, rows),
     )(*new, shard_cache(cache, mesh, axis_name, batch_axis), sinks)
     return (out, lse) if return_lse else out
+
+
+# Moved to the one sharding helper every global entry point uses.
+__getattr__ = deprecation.moved(__name__, {"place": "ringattn.parallel.sharding:place"})

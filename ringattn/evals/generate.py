@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringattn import deprecation
 from ringattn.decode import cache as cache_lib
 from ringattn.decode import sharded
 from ringattn.nn.config import ModelConfig
@@ -42,9 +43,10 @@ class CacheSpec:
     """What cache every layer gets (ringattn/decode/cache.py): "full" holds `max_len` tokens,
     "sink_window" `num_sinks` + `window` (StreamingLLM), "window" the last `window` only.
     `dtype`: stored K/V (or, with `quantize`, what int8 + float32 scales stand for).
-    `layout`: where a full cache sharded over n devices keeps positions; "striped" (round-robin)
-    keeps every prefix of the stream spread evenly, so prompt chunks and decode steps find the
-    cached work balanced (cache.py); window kinds are always contiguous ring buffers."""
+    `cache_layout`: where a full cache sharded over n devices keeps positions; None is
+    `init_cache`'s default, "striped" (round-robin), which keeps every prefix of the stream spread
+    evenly, so prompt chunks and decode steps find the cached work balanced (cache.py); window
+    kinds are ring buffers."""
 
     kind: str = "full"
     max_len: int | None = None
@@ -52,7 +54,13 @@ class CacheSpec:
     window: int | None = None
     quantize: bool = False
     dtype: str = "float32"
-    layout: str = "striped"
+    cache_layout: str | None = None
+    layout: dataclasses.InitVar[str | None] = None  # the deprecated name of cache_layout
+
+    def __post_init__(self, layout):
+        if layout is not None:
+            deprecation.warn("CacheSpec(layout=...)", "CacheSpec(cache_layout=...)")
+            object.__setattr__(self, "cache_layout", layout)
 
 
 def decoding_model(cfg: ModelConfig, mesh=None) -> Transformer:
@@ -101,7 +109,7 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
         window=spec.window,
         quantize=spec.quantize,
         v_head_dim=cfg.value_dim,
-        layout=spec.layout if spec.kind == "full" else "contiguous",
+        cache_layout=spec.cache_layout,
         num_shards=n,
     )
     if n > 1:

@@ -119,7 +119,7 @@ def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope, 
     variants = dict(
         rope=rope,
         logits_soft_cap=cfg.attention.logits_soft_cap or None,
-        local_window=None if window is None else window - 1,
+        local_window_size=None if window is None else window - 1,
         sinks=sinks,
     )
     if not shards_cache(cfg, mesh):
@@ -143,7 +143,7 @@ def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT
         block_k=a.block_k,
     )
     if not shards_cache(cfg, mesh):
-        return prefill_lib.prefill_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, **opts)
+        return prefill_lib.prefill(q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, **opts)
     return prefill_lib.prefill_on_mesh(
         q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, layout=a.layout, strategy=a.prefill,
         **_on_mesh(cfg, mesh), **opts,

@@ -14,11 +14,12 @@ memory is bounded too: residuals are the local shards, never the gathered K/V.
 from __future__ import annotations
 
 import dataclasses
+from typing import Unpack
 
 import jax
 from jax import lax
 
-from ringattn.attention import inputs
+from ringattn.attention import inputs, keywords
 from ringattn.attention.blockwise import exact_attention, make_config
 from ringattn.attention.kernels import base
 from ringattn.attention.kernels.xla import Xla
@@ -145,6 +146,7 @@ _allgather_jit = jax.jit(
 )
 
 
+@keywords.takes(keywords.AttentionKeywords)
 def allgather_attention(
     q,
     k,
@@ -152,20 +154,9 @@ def allgather_attention(
     *,
     axis_name,
     layout="contiguous",
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
     head_chunks=1,
     return_lse=False,
-    kernel="auto",
+    **attention: Unpack[keywords.AttentionKeywords],
 ):
     """Exact attention over a sequence sharded along `axis_name`, by gathering K/V.
 
@@ -174,9 +165,8 @@ def allgather_attention(
     KV heads) bounds the gathered K/V per device to 1 / head_chunks of it. `kernel` as in
     `blockwise_attention`; fused kernels need head_chunks = 1 ("auto" then runs XLA).
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "allgather_attention"
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
+    opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _allgather_jit(
         fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout, head_chunks=head_chunks
     )

@@ -5,16 +5,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ringattn.attention import inputs
+from ringattn.attention import inputs, keywords
 from ringattn.attention.kernels import dispatch
-from ringattn.parallel import allgather, costs, hybrid, layouts, ring, ulysses
+from ringattn.parallel import allgather, costs, hybrid, layouts, ring, sharding, ulysses
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
 # The strategies on checked arguments, inside shard_map: (fn, q, k, v, Options, MaskArrays,
@@ -25,30 +24,6 @@ _LOCAL = {
     "ulysses": ulysses.ulysses,
     "hybrid": hybrid.hybrid,
 }
-
-
-def _place(x, mesh, spec):
-    """Ask for `x` sharded as `spec`: reshard on Explicit mesh axes, a constraint on Auto ones."""
-    sharding = NamedSharding(mesh, spec)
-    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    used = [a for entry in spec if entry is not None for a in np.atleast_1d(entry)]
-    if any(types[a] == AxisType.Explicit for a in used):
-        return jax.reshard(x, sharding)
-    return jax.lax.with_sharding_constraint(x, sharding)
-
-
-def _run_mesh(mesh, *arrays):
-    """The mesh the computation runs on: `mesh`, or its devices with Auto axes when its axes
-    are Explicit but the caller is not sharding explicitly (no `jax.set_mesh` context and no
-    input whose type is sharded). Explicit axes put shardings in the results' types, and the
-    caller who passed plain arrays gets plain-typed results, as from dense attention (JAX's
-    eager grad cannot differentiate an Explicit-typed result outside `jax.set_mesh`)."""
-    if AxisType.Explicit not in mesh.axis_types:
-        return mesh
-    if not jax.sharding.get_abstract_mesh().empty or any(map(layouts.explicitly_sharded, arrays)):
-        return mesh
-    auto = (AxisType.Auto,) * len(mesh.axis_names)
-    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def _axis_names(fn, mesh, axis_name):
@@ -114,6 +89,7 @@ def _choose(q, k, mesh, axis_name, spec, layout):
     )
 
 
+@keywords.takes(keywords.AttentionKeywords)
 def context_parallel_attention(
     q,
     k,
@@ -123,22 +99,11 @@ def context_parallel_attention(
     axis_name="context",
     strategy="ring",
     layout="contiguous",
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
     head_chunks=1,
     batch_axis=None,
     head_axis=None,
     return_lse=False,
-    kernel="auto",
+    **attention: Unpack[keywords.AttentionKeywords],
 ):
     """Exact attention over global q [B, T, H, D], k [B, S, K, D], v [B, S, K, Dv] split along
     `axis_name`.
@@ -160,7 +125,6 @@ def context_parallel_attention(
     (or the lowering target, `ringattn.target_platform`).
     `logits_soft_cap` and `sinks` [H] as in `reference_attention`.
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "context_parallel_attention"
     if strategy not in STRATEGIES:
         raise ValueError(f"{fn}: `strategy` must be one of {STRATEGIES}, got {strategy!r}.")
@@ -168,7 +132,7 @@ def context_parallel_attention(
         raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     # Positions the caller did not give are derived by each device from the layout (and the
     # ring then knows statically which of its steps the mask needs).
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
+    opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     names = _axis_names(fn, mesh, axis_name)
     batch_axes = _other_axes(fn, mesh, "batch_axis", batch_axis, names, q.shape[0], "batch")
     head_axes = _other_axes(fn, mesh, "head_axis", head_axis, names, k.shape[2], "KV heads")
@@ -190,7 +154,7 @@ def context_parallel_attention(
     if strategy in ("ulysses", "hybrid"):
         ulysses.check_heads(fn, heads_per_device, mesh.shape[names[0]], names[0])
 
-    mesh = _run_mesh(mesh, q, k, v, *(x for x in (*m, sinks) if x is not None))
+    mesh = sharding.run_mesh(mesh, q, k, v, *(x for x in (*m, sinks) if x is not None))
     axis = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name
     plan = _Plan(fn, opts, mesh, axis, strategy, layout, head_chunks, batch_axes, head_axes)
     out, lse = _sharded(plan, q, k, v, m, sinks)
@@ -227,12 +191,15 @@ def _sharded(plan: _Plan, q, k, v, m, sinks):
 
     specs = inputs.MaskArrays(*(None if x is None else seq(x) for x in m))
     m = inputs.MaskArrays(
-        *(None if x is None else _place(x, mesh, sp) for x, sp in zip(m, specs, strict=True))
+        *(
+            None if x is None else sharding.place(x, mesh, sp)
+            for x, sp in zip(m, specs, strict=True)
+        )
     )
     sinks_spec = P(plan.head_axes)
     if sinks is not None:
-        sinks = _place(sinks, mesh, sinks_spec)
-    q, k, v = (_place(x, mesh, qkv) for x in (q, k, v))
+        sinks = sharding.place(sinks, mesh, sinks_spec)
+    q, k, v = (sharding.place(x, mesh, qkv) for x in (q, k, v))
     extra = dict(head_chunks=plan.head_chunks) if plan.strategy == "allgather" else {}
 
     def local(q, k, v, m, sinks):

@@ -10,10 +10,12 @@ and striped shards stay balanced: a chunk is a union of balanced shards).
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import jax
 from jax import lax
 
-from ringattn.attention import inputs
+from ringattn.attention import inputs, keywords
 from ringattn.parallel import layouts, ring, ulysses
 
 
@@ -53,6 +55,7 @@ def hybrid(fn, q, k, v, opts, m, sinks, *, axis_name, layout):
 _hybrid_jit = jax.jit(hybrid, static_argnums=(0, 4), static_argnames=("axis_name", "layout"))
 
 
+@keywords.takes(keywords.AttentionKeywords)
 def hybrid_attention(
     q,
     k,
@@ -60,19 +63,8 @@ def hybrid_attention(
     *,
     axis_name,
     layout="contiguous",
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
     return_lse=False,
-    kernel="auto",
+    **attention: Unpack[keywords.AttentionKeywords],
 ):
     """Exact attention over a sequence sharded over `axis_name` = (ulysses_axis, ring_axis).
 
@@ -81,8 +73,7 @@ def hybrid_attention(
     n_u * n_r shards. Positions not given are those `layout` assigns to this shard. The heads of
     q must be a multiple of the Ulysses axis size. `kernel`: the ring steps' kernel.
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "hybrid_attention"
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
+    opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _hybrid_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringattn.parallel import sharding
+
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
@@ -57,17 +59,12 @@ def layout_positions(layout, length, num_shards):
     )
 
 
-def explicitly_sharded(x):
-    """Whether x's type carries a sharding (Explicit mesh axes)."""
-    return any(entry is not None for entry in getattr(jax.typeof(x).sharding, "spec", ()))
-
-
 def _permute(x, perm, axis):
     """x[..., perm, ...] along `axis`, keeping an explicitly sharded array's sharding (a gather
     on Explicit mesh axes must be told its output sharding)."""
     x = jnp.asarray(x)
     index = (slice(None),) * axis + (perm,)
-    if explicitly_sharded(x):
+    if sharding.explicitly_sharded(x):
         return x.at[index].get(out_sharding=jax.typeof(x).sharding)
     return x[index]
 

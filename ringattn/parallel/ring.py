@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import numpy as np
 from jax import lax
 
-from ringattn.attention import inputs, masks
+from ringattn.attention import inputs, keywords, masks
 from ringattn.attention.blockwise import exact_attention, make_config
 from ringattn.attention.kernels import base
 from ringattn.attention.kernels.xla import from_storage, to_storage
@@ -183,6 +183,7 @@ def ring(fn, q, k, v, opts: inputs.Options, m: inputs.MaskArrays, sinks, *, axis
 _ring_jit = jax.jit(ring, static_argnums=(0, 4), static_argnames=("axis_name", "layout"))
 
 
+@keywords.takes(keywords.AttentionKeywords)
 def ring_attention(
     q,
     k,
@@ -190,20 +191,8 @@ def ring_attention(
     *,
     axis_name,
     layout="contiguous",
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
     return_lse=False,
-    tile_callback=None,
-    kernel="auto",
+    **attention: Unpack[keywords.AttentionKeywords],
 ):
     """Exact attention over a sequence sharded along the mesh axis `axis_name`.
 
@@ -214,8 +203,7 @@ def ring_attention(
     `blockwise_attention`: it sees every tile every device computes. `kernel` as in
     `blockwise_attention`: the single-device kernel every step runs.
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "ring_attention"
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
+    opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _ring_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

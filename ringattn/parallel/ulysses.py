@@ -13,11 +13,12 @@ heads its query heads use: not at all when n divides K, n / K times when K divid
 from __future__ import annotations
 
 import math
+from typing import Unpack
 
 import jax
 from jax import lax
 
-from ringattn.attention import blockwise, inputs
+from ringattn.attention import blockwise, inputs, keywords
 from ringattn.parallel import layouts
 from ringattn.parallel.allgather import gather_sequence
 
@@ -83,6 +84,7 @@ _ulysses_jit = jax.jit(
 )
 
 
+@keywords.takes(keywords.AttentionKeywords)
 def ulysses_attention(
     q,
     k,
@@ -90,19 +92,8 @@ def ulysses_attention(
     *,
     axis_name,
     layout="contiguous",
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
     return_lse=False,
-    kernel="auto",
+    **attention: Unpack[keywords.AttentionKeywords],
 ):
     """Exact attention over a sequence sharded along `axis_name`, by all-to-all to head shards.
 
@@ -110,8 +101,7 @@ def ulysses_attention(
     positions not given are those `layout` assigns to this device. The heads of q must be a
     multiple of the axis size. `kernel` as in `blockwise_attention`.
     """
-    args = locals()  # the call's arguments, before any other name is bound
     fn = "ulysses_attention"
-    opts, m, sinks = inputs.check(fn, q, k, v, **inputs.keywords(args), fill_positions=False)
+    opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _ulysses_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -261,7 +261,7 @@ def test_variants_decode_like_the_reference(helpers):
     sinks = np.random.default_rng(6).standard_normal(h)
     cache = cache_lib.init_cache("full", B, T, kh, D, np.float64, v_head_dim=dv)
     out, lse, _ = decode(
-        cache, q, k, v, positions(T), prefill=3, logits_soft_cap=cap, local_window=window,
+        cache, q, k, v, positions(T), prefill=3, logits_soft_cap=cap, local_window_size=window,
         sinks=sinks,
     )  # fmt: skip
     ref, ref_lse = ringattn.reference_attention(
@@ -277,7 +277,7 @@ def test_variants_decode_like_the_reference(helpers):
     [
         (dict(logits_soft_cap=0.0), "logits_soft_cap"),
         (dict(sinks=np.zeros(3)), "sinks"),
-        (dict(local_window=-1), "local_window"),
+        (dict(local_window_size=-1), "local_window_size"),
     ],
 )
 def test_attend_rejects_bad_variants(change, name):
@@ -285,3 +285,18 @@ def test_attend_rejects_bad_variants(change, name):
     q, q_pos = jnp.zeros((B, 1, 4, D)), jnp.zeros((B, 1), jnp.int32)
     with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
         attend_lib.attend(q, q_pos, cache, **change)
+
+
+def test_window_pairs_and_the_old_keyword(helpers):
+    """local_window_size as everywhere: (left, right) without causality, against the reference;
+    the old keyword `local_window` still works, with a DeprecationWarning."""
+    q, k, v = data(4, 2, np.float64)
+    cache = cache_lib.init_cache("full", B, T, 2, D, np.float64)
+    cache = cache_lib.update(cache, k, v, positions(T))
+    pos = positions(T)
+    out = attend_lib.attend(q, pos, cache, causal=False, local_window_size=(3, 2))
+    ref = ringattn.reference_attention(q, k, v, local_window_size=(3, 2))
+    helpers.assert_close(out, ref, 1e-12, "out")
+    with pytest.warns(DeprecationWarning, match="local_window_size"):
+        old = attend_lib.attend(q, pos, cache, local_window=3)
+    helpers.assert_close(old, attend_lib.attend(q, pos, cache, local_window_size=3), 0, "old")

@@ -73,7 +73,7 @@ def check_stream(call, n, chunks, layout="contiguous", cache_layout="striped", q
     """Run `call(q, k, v, pos, cache, seg, bound)` (layout order) over the stream's chunks and
     compare every output with the reference; then the cache holds the whole stream."""
     cache = cache_lib.init_cache(
-        "full", B, S, K, D, jnp.float64, layout=cache_layout, num_shards=n, quantize=quantize
+        "full", B, S, K, D, jnp.float64, cache_layout=cache_layout, num_shards=n, quantize=quantize
     )
     start, worst = 0, 0.0
     for i, (q, k, v, pos, seg) in enumerate(stream(chunks)):
@@ -136,7 +136,7 @@ def test_chunks_equal_dense_attention_over_cache_and_chunk(
 
 def test_one_device_and_int8_cache():
     def call(q, k, v, pos, cache, seg, bound):
-        return prefill.prefill_attention(
+        return prefill.prefill(
             q, k, v, pos, cache, segment_ids=seg, cache_bound=bound, block_q=8, block_k=8
         )
 
@@ -145,7 +145,7 @@ def test_one_device_and_int8_cache():
 
 
 def test_four_devices_inside_a_users_shard_map():
-    """sharded_prefill_attention in the user's own jitted shard_map (check_vma on, an Auto-axes
+    """sharded_prefill in the user's own jitted shard_map (check_vma on, an Auto-axes
     mesh), 4 of the 8 devices, pass_q, the cache laid out striped over those 4."""
     n = 4
     auto = (jax.sharding.AxisType.Auto,)
@@ -155,7 +155,7 @@ def test_four_devices_inside_a_users_shard_map():
     @jax.jit
     def call(q, k, v, pos, cache, seg):
         def local(q, k, v, pos, cache, seg):
-            return prefill.sharded_prefill_attention(
+            return prefill.sharded_prefill(
                 q, k, v, pos, cache, axis_name="context", strategy="pass_q", segment_ids=seg,
                 block_q=4, block_k=4,
             )  # fmt: skip
@@ -172,7 +172,7 @@ def test_pass_kv_sends_only_the_bounded_prefix():
     the whole shard: the compiled program's collective-permutes say so."""
     n, f32 = 8, jnp.float32
     mesh = jax.make_mesh((n,), ("context",))
-    cache = cache_lib.init_cache("full", 1, n * 64, K, D, f32, layout="striped", num_shards=n)
+    cache = cache_lib.init_cache("full", 1, n * 64, K, D, f32, cache_layout="striped", num_shards=n)
     q, k = jnp.zeros((1, 16, H, D), f32), jnp.zeros((1, 16, K, D), f32)
     pos = jnp.arange(16, dtype=jnp.int32)[None] + 40
 
@@ -194,23 +194,23 @@ def test_bad_arguments():
     q, k = jnp.zeros((B, 8, H, D)), jnp.zeros((B, 8, K, D))
     pos = jnp.zeros((B, 8), jnp.int32)
     with pytest.raises(ValueError, match="needs a 'full' cache"):
-        prefill.prefill_attention(q, k, k, pos, window)
+        prefill.prefill(q, k, k, pos, window)
     with pytest.raises(ValueError, match="`cache_bound` must be None or an int >= 0"):
-        prefill.prefill_attention(q, k, k, pos, full, cache_bound=-1)
+        prefill.prefill(q, k, k, pos, full, cache_bound=-1)
     with pytest.raises(ValueError, match="`k` must have shape"):
-        prefill.prefill_attention(q, k[..., :4], k, pos, full)
+        prefill.prefill(q, k[..., :4], k, pos, full)
     with pytest.raises(ValueError, match="`q_pos` must have shape"):
-        prefill.prefill_attention(q, k, k, pos[:, :4], full)
+        prefill.prefill(q, k, k, pos[:, :4], full)
     mesh = jax.make_mesh((8,), ("context",))
     with pytest.raises(ValueError, match="`strategy` must be one of"):
         prefill.prefill_on_mesh(q, k, k, pos, full, mesh=mesh, strategy="ring")
     with pytest.raises(ValueError, match="needs the chunk length to be a multiple of 16"):
         prefill.prefill_on_mesh(q, k, k, pos, full, mesh=mesh, layout="zigzag")
-    striped4 = cache_lib.init_cache("full", B, S, K, D, jnp.float32, layout="striped", num_shards=4)
+    striped4 = cache_lib.init_cache("full", B, S, K, D, jnp.float32, num_shards=4)
     with pytest.raises(ValueError, match="made for 4 shards is sharded over the 8"):
         prefill.prefill_on_mesh(q, k, k, pos, striped4, mesh=mesh)
     with pytest.raises(ValueError, match="only a 'full' cache can be 'striped'"):
-        cache_lib.init_cache("window", B, None, K, D, window=8, layout="striped")
+        cache_lib.init_cache("window", B, None, K, D, window=8, cache_layout="striped")
 
 
 def estimates(q_len, cached_len, **kw):
@@ -270,7 +270,7 @@ def test_lowers_with_the_fused_kernels(helpers, platform, kernel, calls, strateg
     cached and chunk passes run the platform's fused kernel, nothing falls back."""
     mesh = jax.make_mesh((8,), ("context",))
     bf16 = jnp.bfloat16
-    cache = cache_lib.init_cache("full", 1, 8 * 128, 2, 128, bf16, layout="striped", num_shards=8)
+    cache = cache_lib.init_cache("full", 1, 8 * 128, 2, 128, bf16, num_shards=8)
     q, k = jnp.zeros((1, 1024, 8, 128), bf16), jnp.zeros((1, 1024, 2, 128), bf16)
     pos = 512 + jnp.arange(1024, dtype=jnp.int32)[None]
 

@@ -99,7 +99,7 @@ def test_sharded_variants_equal_single_device(helpers):
     cache gives the single device's results."""
     mesh = helpers.ring_mesh(4, AXIS)
     sinks = jnp.asarray(np.random.default_rng(1).standard_normal(H), jnp.float32)
-    static = dict(logits_soft_cap=2.0, local_window=5, sinks=sinks, return_lse=True)
+    static = dict(logits_soft_cap=2.0, local_window_size=5, sinks=sinks, return_lse=True)
 
     @functools.partial(jax.jit, static_argnums=0)
     def step(on_mesh, cache, q, k, v, pos):

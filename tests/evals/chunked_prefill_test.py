@@ -85,7 +85,8 @@ def test_chunked_prefill_then_decode_equals_full_forward(n, strategy, cache_layo
     cfg = dataclasses.replace(CFG, attention=attn)
     mesh = None if n == 1 else make_mesh(dict(context=n), jax.devices()[:n])
     model = gen.decoding_model(cfg, mesh)
-    caches = gen.init_caches(cfg, gen.CacheSpec("full", max_len=T, layout=cache_layout), B, mesh)
+    spec = gen.CacheSpec("full", max_len=T, cache_layout=cache_layout)
+    caches = gen.init_caches(cfg, spec, B, mesh)
     got = np.full((B, T, CFG.vocab_size), np.nan, np.float32)
     start = 0
     for size in CHUNKS:
