@@ -99,7 +99,8 @@ def cache_dtype_errors(cfg, params, cache_len=1024, chunk=64, seed=0):
 
     @jax.jit
     def logits(params, caches):
-        _, caches = gen.prefill(model, params, gen.prompt_batch([tokens[0, :prompt]]), caches)
+        batch = gen.prompt_batch([tokens[0, :prompt]])
+        _, caches = gen.prefill(model, params, batch, caches, cache_bound=0)
         out, _ = model.apply(
             {"params": params},
             tokens[:, prompt:],

@@ -147,11 +147,12 @@ def pad_multiple(cfg: ModelConfig, mesh) -> int:
     return 2 * n if cfg.attention.layout == "zigzag" else n  # as layouts.check_layout
 
 
-def prefill(model, params, batch, caches, cache_bound=0):
+def prefill(model, params, batch, caches, cache_bound=None):
     """(logits [B, vocab] after each row's last prompt token, caches). The prompt goes into the
     model's layout order first; the caches place tokens by position, whatever the order.
-    `cache_bound`: as in Transformer.prefill (0: the caches are empty). A row whose last token
-    is not in `batch` gets the logits of its last token in it (zeros if none)."""
+    `cache_bound`: as in Transformer.prefill (None: the caches may hold anything; 0: they are
+    empty, the fast path for a first prompt). A row whose last token is not in `batch` gets the
+    logits of its last token in it (zeros if none)."""
     n = num_shards(model.cfg, model.mesh)
     layout = model.cfg.attention.layout
     tokens, positions, segs = (

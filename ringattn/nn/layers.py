@@ -168,7 +168,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True,
-                 cache_bound=0):  # fmt: skip
+                 cache_bound=None):  # fmt: skip
         cfg, e = self.cfg, x_BTE.shape[-1]
         h, k, d, dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim
         # Fan-in is the embedding for q/k/v and (heads, head_dim) for the output projection.

@@ -29,7 +29,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, positions_BT, segment_ids_BT, cache=None, prefill=True,
-                 cache_bound=0):  # fmt: skip
+                 cache_bound=None):  # fmt: skip
         """(x, None), or (x, the updated cache) when given a KV cache (see Attention)."""
         cfg, mesh = self.cfg, self.mesh
         h = RMSNorm(cfg, name="attn_norm")(x_BTE)
@@ -161,7 +161,7 @@ class Transformer(nn.Module):
         into the caches and attended to them (position -1: padding, not written)."""
         return self._cached(tokens_Bt, positions_Bt, None, caches, prefill=False)
 
-    def _cached(self, tokens_BT, positions_BT, segment_ids_BT, caches, prefill, cache_bound=0):
+    def _cached(self, tokens_BT, positions_BT, segment_ids_BT, caches, prefill, cache_bound=None):
         if self.cfg.scan_layers or self.cfg.remat != "none":
             raise ValueError(
                 "Transformer: decoding runs the layers in a loop without remat; build the model "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 from typing import NamedTuple
@@ -278,31 +279,13 @@ def _prefill(fn, b, q_len, h, kh, d, e, names, n, spec, layout, blocks, hw, cach
     return out
 
 
-def choose_strategy(
-    *,
-    batch,
-    q_len,
-    kv_len,
-    num_heads,
-    num_kv_heads,
-    head_dim,
-    dtype,
-    mesh_axis_sizes,
-    axis_name,
-    causal,
-    local_window_size,
-    layout,
-    cached_len=None,
-    cache_layout="striped",
-    cache_slots=None,
-    hardware=None,
-) -> str:
+def choose_strategy(**problem) -> str:
     """The feasible strategy with the lowest estimated time (`estimate_costs`, default
     hardware constants unless `hardware` is given): one of ring/allgather/ulysses for one axis,
     "hybrid" for a pair; with `cached_len`, one of pass_kv/pass_q/decode (chunked prefill).
     Why it chose is logged (INFO, logger ringattn.parallel.costs: the winner's `Estimate.why`
-    and the others' times)."""
-    est = estimate_costs(**locals())  # exactly this function's keyword arguments
+    and the others' times). Takes `estimate_costs`'s keywords."""
+    est = estimate_costs(**problem)
     ok = [e for e in est.values() if e.feasible]
     if not ok:
         reasons = "; ".join(f"{e.strategy}: {e.reason}" for e in est.values())
@@ -311,6 +294,9 @@ def choose_strategy(
     others = ", ".join(f"{e.strategy} {e.time_s:.3g} s" for e in ok if e is not best)
     logging.getLogger(__name__).info("choose_strategy: %s (others: %s)", best.why, others or "none")
     return best.strategy
+
+
+choose_strategy.__signature__ = inspect.signature(estimate_costs).replace(return_annotation=str)
 
 
 class LayoutChoice(NamedTuple):

@@ -51,7 +51,7 @@ def full_logits(tok, cfg=CFG):
 @functools.cache
 def stepper(cfg, mesh):
     model = gen.decoding_model(cfg, mesh)
-    pre = jax.jit(functools.partial(gen.prefill, model))
+    pre = jax.jit(functools.partial(gen.prefill, model, cache_bound=0))  # empty caches
     step = jax.jit(
         lambda p, t, pos, c: model.apply({"params": p}, t, pos, c, method=Transformer.decode)
     )
