@@ -131,25 +131,33 @@ def sharded_prefill(
 @keywords.takes(keywords.PrefillKeywords, causal=True)
 def prefill_on_mesh(
     q, k, v, q_pos, cache, *, mesh, axis_name="context", batch_axis=None, layout="contiguous",
-    strategy="auto", cache_bound=None, return_lse=False,
+    input_layout=None, strategy="auto", cache_bound=None, return_lse=False,
     **attention: Unpack[keywords.PrefillKeywords],
 ):  # fmt: skip
     """(out [B, c, H, Dv], cache): a chunk of c new tokens against a cache sharded over
     `axis_name` (P(batch_axis, axis_name)), then written into it; chunked.py describes the
     strategies ("auto": the cost model's choice) and the mask.
 
-    q [B, c, H, D], k/v [B, c, K, D|Dv], q_pos and segment_ids [B, c] are global arrays in
-    `layout` order (c a multiple of the devices, of twice that for zigzag), sharded over
-    `axis_name`; out comes back the same way (and lse [B, H, c] f32 with return_lse).
-    `cache_bound`: chunked.py.
+    q [B, c, H, D], k/v [B, c, K, D|Dv], q_pos and segment_ids [B, c] are global arrays
+    sharded over `axis_name` (c a multiple of the devices, of twice that for zigzag); out comes
+    back in their order (and lse [B, H, c] f32 with return_lse). `layout` is the token order the
+    devices compute the chunk in; `input_layout` the order the arrays are in: None (their
+    positions say where each token is; `layout` then only informs "auto"), "natural" (laid out
+    inside and back, as in `ringattn.context_parallel_attention`) or `layout` itself.
+    The cache's own layout is its `cache_layout`. `cache_bound`: chunked.py.
     """
     fn = "prefill_on_mesh"
     call, seg, sinks = _check(fn, q, k, v, q_pos, cache, strategy, cache_bound, attention)
     sharded.check_mesh(fn, cache, mesh, axis_name, batch_axis)
     n = mesh.shape[axis_name]
     layouts.check_layout(fn, layout, q.shape[1], n, "chunk length")
+    lengths = {"chunk length": q.shape[1]}
+    natural = layouts.check_input_layout(fn, layout, input_layout, True, lengths, n) is not None
     call = dataclasses.replace(call, strategy=choose(call, q, k, n, layout, cache))
-    out, lse, cache = _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sinks)
+    order = layout if natural else None  # what to lay the chunk out in, and back
+    out, lse, cache = _on_mesh(
+        call, mesh, axis_name, batch_axis, order, q, k, v, q_pos, seg, cache, sinks
+    )
     return _finish(out, lse, cache, return_lse)
 
 
@@ -167,8 +175,8 @@ def _local_jit(call, strategy, q, k, v, q_pos, seg, cache, sinks, axis_name):
     return _local(call, strategy, q, k, v, q_pos, seg, cache, sinks, axis_name)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sinks):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _on_mesh(call, mesh, axis_name, batch_axis, order, q, k, v, q_pos, seg, cache, sinks):
     rows = P(batch_axis, axis_name)
     seq = P(batch_axis, axis_name, None, None)
     q, k, v = (sharding.place(x, mesh, seq) for x in (q, k, v))
@@ -176,7 +184,15 @@ def _on_mesh(call, mesh, axis_name, batch_axis, q, k, v, q_pos, seg, cache, sink
     cache = sharded.shard_cache(cache, mesh, axis_name, batch_axis)
 
     def local(q, k, v, q_pos, seg, cache, sinks):
-        return _local(call, call.strategy, q, k, v, q_pos, seg, cache, sinks, axis_name)
+        if order is not None:
+            q, k, v, q_pos, seg = (
+                layouts.from_natural(x, order, axis_name) for x in (q, k, v, q_pos, seg)
+            )
+        out, lse, cache = _local(call, call.strategy, q, k, v, q_pos, seg, cache, sinks, axis_name)
+        if order is not None:
+            out = layouts.to_natural(out, order, axis_name)
+            lse = layouts.to_natural(lse, order, axis_name, axis=2)
+        return out, lse, cache
 
     vma = not dispatch.needs_vma_off(call.opts.kernel, dispatch.mesh_platform(mesh))
     return jax.shard_map(

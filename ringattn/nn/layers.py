@@ -81,6 +81,7 @@ def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKE, positions_BT, segm
         axis_name=a.axis,
         strategy=a.impl,
         layout=a.layout,
+        input_layout=a.layout,  # the trainer and generate lay out the batch once
         batch_axis=mesh_axes_for(cfg.rules, "act_batch") or None,
         head_axis=mesh_axes_for(cfg.rules, "act_heads") or None,
         block_q=a.block_q,

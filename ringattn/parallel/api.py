@@ -99,6 +99,7 @@ def context_parallel_attention(
     axis_name="context",
     strategy="ring",
     layout="contiguous",
+    input_layout=None,
     head_chunks=1,
     batch_axis=None,
     head_axis=None,
@@ -108,11 +109,18 @@ def context_parallel_attention(
     """Exact attention over global q [B, T, H, D], k [B, S, K, D], v [B, S, K, Dv] split along
     `axis_name`.
 
-    The sequence is already in `layout` order (see `to_layout`) and the result comes back in the
-    same order; positions not given are the ones `layout` implies. Works eagerly and under
-    `jax.jit`, with any mesh (Explicit or Auto axes). `batch_axis` / `head_axis` (a mesh axis, a
-    tuple of axes, or None) shard the batch and the heads (q's H and k/v's K, so K must divide
-    by their size); the mesh axes named nowhere hold replicas.
+    `layout` is the token order the devices compute in: "contiguous", or "zigzag" / "striped",
+    which balance causal work. `input_layout` says which order q, k, v (and segment ids,
+    positions) are in: "natural" (they are laid out inside, and out and lse come back in natural
+    order: one all-to-all (striped) or two collective permutes (zigzag) of each array each way,
+    every token moving once), or `layout` itself (already laid out, e.g. once per batch with
+    `to_layout` as our trainer does: nothing is permuted and the result stays in that order).
+    A balanced layout without `input_layout` is refused unless positions are given (they then
+    say where every token is). Positions not given are the ones `layout` implies.
+
+    Works eagerly and under `jax.jit`, with any mesh (Explicit or Auto axes). `batch_axis` /
+    `head_axis` (a mesh axis, a tuple of axes, or None) shard the batch and the heads (q's H and
+    k/v's K, so K must divide by their size); the mesh axes named nowhere hold replicas.
 
     strategy: "ring" (pass-KV), "allgather" (gather K/V, `head_chunks` KV-head chunks at a time),
     "ulysses" (all-to-all to head shards; heads a multiple of the axis size), "hybrid"
@@ -141,6 +149,9 @@ def context_parallel_attention(
     n = math.prod(mesh.shape[a] for a in names)
     layouts.check_layout(fn, layout, q.shape[1], n, "query length")
     layouts.check_layout(fn, layout, k.shape[1], n, "key length")
+    given = attention["q_positions"] is not None or attention["kv_positions"] is not None
+    lengths = {"query length": q.shape[1], "key length": k.shape[1]}
+    permute = layouts.check_input_layout(fn, layout, input_layout, given, lengths, n) is not None
     allgather.check_head_chunks(fn, head_chunks, k.shape[2])
     if head_chunks != 1 and strategy not in ("allgather", "auto"):
         raise ValueError(
@@ -156,7 +167,9 @@ def context_parallel_attention(
 
     mesh = sharding.run_mesh(mesh, q, k, v, *(x for x in (*m, sinks) if x is not None))
     axis = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name
-    plan = _Plan(fn, opts, mesh, axis, strategy, layout, head_chunks, batch_axes, head_axes)
+    plan = _Plan(
+        fn, opts, mesh, axis, strategy, layout, permute, head_chunks, batch_axes, head_axes
+    )
     out, lse = _sharded(plan, q, k, v, m, sinks)
     return (out, lse) if return_lse else out
 
@@ -171,6 +184,7 @@ class _Plan:
     axis_name: object
     strategy: str
     layout: str
+    permute: bool  # the arrays are in natural order: lay them out inside, and back
     head_chunks: int
     batch_axes: tuple | None
     head_axes: tuple | None
@@ -203,10 +217,19 @@ def _sharded(plan: _Plan, q, k, v, m, sinks):
     extra = dict(head_chunks=plan.head_chunks) if plan.strategy == "allgather" else {}
 
     def local(q, k, v, m, sinks):
-        return _LOCAL[plan.strategy](
+        if plan.permute:
+            q, k, v = (layouts.from_natural(x, plan.layout, seq_axes) for x in (q, k, v))
+            m = inputs.MaskArrays(
+                *(None if x is None else layouts.from_natural(x, plan.layout, seq_axes) for x in m)
+            )
+        out, lse = _LOCAL[plan.strategy](
             plan.fn, q, k, v, plan.opts, m, sinks, axis_name=plan.axis_name, layout=plan.layout,
             **extra,
         )  # fmt: skip
+        if plan.permute:
+            out = layouts.to_natural(out, plan.layout, seq_axes)
+            lse = layouts.to_natural(lse, plan.layout, seq_axes, axis=2)
+        return out, lse
 
     return jax.shard_map(
         local,

@@ -91,3 +91,95 @@ def local_masks(fn, m, layout, index, num_shards, q_len, kv_len):
         return shard_positions(layout, length, index, num_shards)[None]
 
     return m._replace(q_pos=fill(m.q_pos, q_len, "query"), kv_pos=fill(m.kv_pos, kv_len, "key"))
+
+
+INPUT_LAYOUTS = ("natural",) + LAYOUTS
+
+
+def check_input_layout(fn, layout, input_layout, positions_given, lengths, num_shards):
+    """The order the caller's arrays are in, resolved: None (no permutation) or "natural" (lay
+    them out inside and return natural order). A balanced `layout` with neither `input_layout`
+    nor explicit positions is refused: arrays in natural order would silently give wrong
+    results, and arrays already laid out cannot be told apart from them."""
+    if input_layout is not None and input_layout not in ("natural", layout):
+        raise ValueError(
+            f"{fn}: `input_layout` must be 'natural' (the arrays are in natural order) or "
+            f"{layout!r} (already in `layout` order), got {input_layout!r}; arrays in another "
+            f"layout go back to natural order with ringattn.from_layout first."
+        )
+    if layout == "contiguous" or input_layout == layout:
+        return None
+    if input_layout is None:
+        if positions_given:
+            return None  # the positions say where every token is
+        raise ValueError(
+            f"{fn}: `layout`={layout!r} needs the order of q, k and v: "
+            f"input_layout='natural' (they are in natural order; they are laid out inside and "
+            f"the result comes back in natural order, one all-to-all or two collective "
+            f"permutes of each array each way) or input_layout={layout!r} (they are in "
+            f"{layout!r} order already, e.g. from ringattn.to_layout; nothing is permuted)."
+        )
+    for name, length in lengths.items():
+        if layout == "striped" and length % (num_shards * num_shards):
+            raise ValueError(
+                f"{fn}: input_layout='natural' with layout 'striped' over {num_shards} shards "
+                f"moves tokens with one all-to-all, which needs the {name} ({length}) to be a "
+                f"multiple of {num_shards * num_shards}; lay the arrays out beforehand "
+                f"(ringattn.to_layout) and pass input_layout='striped'."
+            )
+    return "natural"
+
+
+def _zigzag_destinations(n):
+    """Where natural shard r's even chunk (2r) and odd chunk (2r + 1) go in the zigzag layout
+    (chunk c lives on device c if c < n, else on device 2n - 1 - c)."""
+    home = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731
+    return [home(2 * r) for r in range(n)], [home(2 * r + 1) for r in range(n)]
+
+
+def from_natural(x, layout, axis_name, axis=1):
+    """Inside shard_map: this device's shard of a sequence in natural order -> its shard in
+    `layout` order. Every token moves once: striped, one all-to-all; zigzag, two collective
+    permutes (each device receives one even and one odd chunk); contiguous: nothing."""
+    if layout == "contiguous":
+        return x
+    n = jax.lax.axis_size(axis_name)
+    x = jnp.moveaxis(x, axis, 0)
+    local = x.shape[0]
+    if layout == "striped":  # local index i * n + j -> device j, after the tokens of devices < r
+        x = jnp.swapaxes(x.reshape(local // n, n, *x.shape[1:]), 0, 1)
+        x = jax.lax.all_to_all(x, axis_name, 0, 0).reshape(local, *x.shape[2:])
+    else:
+        even, odd = _zigzag_destinations(n)
+        c = local // 2
+        got_even = jax.lax.ppermute(x[:c], axis_name, list(enumerate(even)))
+        got_odd = jax.lax.ppermute(x[c:], axis_name, list(enumerate(odd)))
+        first_even = jax.lax.axis_index(axis_name) % 2 == 0  # device d holds chunk d first
+        x = jnp.where(
+            first_even,
+            jnp.concatenate([got_even, got_odd]),
+            jnp.concatenate([got_odd, got_even]),
+        )
+    return jnp.moveaxis(x, 0, axis)
+
+
+def to_natural(x, layout, axis_name, axis=1):
+    """The inverse of `from_natural`: a shard in `layout` order -> its shard in natural order."""
+    if layout == "contiguous":
+        return x
+    n = jax.lax.axis_size(axis_name)
+    x = jnp.moveaxis(x, axis, 0)
+    local = x.shape[0]
+    if layout == "striped":
+        x = jax.lax.all_to_all(x.reshape(n, local // n, *x.shape[1:]), axis_name, 0, 0)
+        x = jnp.swapaxes(x, 0, 1).reshape(local, *x.shape[2:])
+    else:
+        even, odd = _zigzag_destinations(n)
+        c = local // 2
+        first_even = jax.lax.axis_index(axis_name) % 2 == 0
+        mine_even = jnp.where(first_even, x[:c], x[c:])
+        mine_odd = jnp.where(first_even, x[c:], x[:c])
+        back_even = jax.lax.ppermute(mine_even, axis_name, [(d, r) for r, d in enumerate(even)])
+        back_odd = jax.lax.ppermute(mine_odd, axis_name, [(d, r) for r, d in enumerate(odd)])
+        x = jnp.concatenate([back_even, back_odd])
+    return jnp.moveaxis(x, 0, axis)

@@ -69,12 +69,14 @@ def stream(chunks, seed=0):
 
 
 def check_stream(call, n, chunks, layout="contiguous", cache_layout="striped", quantize=False,
-                 bounds=None, **variants):  # fmt: skip
+                 bounds=None, num_shards=None, **variants):  # fmt: skip
     """Run `call(q, k, v, pos, cache, seg, bound)` (layout order) over the stream's chunks and
-    compare every output with the reference; then the cache holds the whole stream."""
+    compare every output with the reference; then the cache holds the whole stream. The cache
+    is made for `num_shards` shards (default n)."""
     cache = cache_lib.init_cache(
-        "full", B, S, K, D, jnp.float64, cache_layout=cache_layout, num_shards=n, quantize=quantize
-    )
+        "full", B, S, K, D, jnp.float64, cache_layout=cache_layout, num_shards=num_shards or n,
+        quantize=quantize,
+    )  # fmt: skip
     start, worst = 0, 0.0
     for i, (q, k, v, pos, seg) in enumerate(stream(chunks)):
         want = reference(q, k, v, pos, seg, cache, **variants)
@@ -132,6 +134,25 @@ def test_chunks_equal_dense_attention_over_cache_and_chunk(
     bounds = (0, None, sum(chunks[:2]))
     call = on_mesh(mesh, strategy, layout, **kw)
     check_stream(call, n, chunks, layout, cache_layout, bounds=bounds, **ref)
+
+
+def test_natural_order_chunks():
+    """Chunks handed over in natural order with input_layout='natural': laid out in zigzag inside
+    (pass_kv) and striped (decode), results in natural order."""
+    mesh = jax.make_mesh((4,), ("context",), devices=jax.devices()[:4])
+    for strategy, layout in (("pass_kv", "zigzag"), ("decode", "striped")):
+        call = on_mesh(mesh, strategy, layout, input_layout="natural", block_q=4, block_k=4)
+        check_stream(call, 4, (16, 16, 32), bounds=(0, None, 32))
+
+
+def test_one_device_reads_a_striped_cache_with_a_bound():
+    """A cache striped over 8 shards, prefilled on one device with bounds: each stripe's prefix
+    is read (a plain prefix of the slots would miss most of the tokens)."""
+
+    def call(q, k, v, pos, cache, seg, bound):
+        return prefill.prefill(q, k, v, pos, cache, segment_ids=seg, cache_bound=bound)
+
+    check_stream(call, 1, (8, 8, 16, 16), num_shards=8, bounds=(0, 13, 16, 32))
 
 
 def test_one_device_and_int8_cache():

@@ -295,8 +295,9 @@ def test_context_parallel_no_t_by_s_buffer(helpers):
 
     def loss(q, k, v):
         out = ringattn.context_parallel_attention(
-            q, k, v, mesh=mesh, causal=True, layout="zigzag", block_q=block, block_k=block
-        )
+            q, k, v, mesh=mesh, causal=True, layout="zigzag", input_layout="zigzag",
+            block_q=block, block_k=block,
+        )  # fmt: skip
         return jnp.sum(out)
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
@@ -331,6 +332,14 @@ def _qkv(t=16, s=16, h=4, kh=2, d=4):
         (dict(), dict(t=12), ValueError, "query length to be a multiple of 8, got 12"),
         (dict(), dict(s=20), ValueError, "key length to be a multiple of 8, got 20"),
         (dict(layout="zigzag"), dict(t=24, s=24), ValueError, "multiple of 16, got 24"),
+        (dict(layout="zigzag"), {}, ValueError, "input_layout='natural' .* input_layout='zigzag'"),
+        (dict(layout="striped", input_layout="zigzag"), {}, ValueError, "`input_layout` must be"),
+        (
+            dict(layout="striped", input_layout="natural"),
+            dict(t=24, s=24),
+            ValueError,
+            "multiple of 64",
+        ),
         (dict(), dict(kh=3), ValueError, "key/value heads"),
         (dict(segment_ids=np.zeros((1, 8), np.int32)), {}, ValueError, "`segment_ids`"),
         (dict(q_positions=np.zeros(16)), {}, TypeError, "`q_positions`"),

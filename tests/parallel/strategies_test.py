@@ -65,7 +65,7 @@ def run_cp(helpers, strategy, shape, layout, static, masks, data, explicit=True,
         for name, length in (("q_positions", q.shape[1]), ("kv_positions", k.shape[1])):
             masks[name] = layouts.layout_positions(layout, length, n).astype(np.int32)
     else:
-        kw["layout"] = layout
+        kw.update(layout=layout, input_layout=layout)
     got = helpers.run_attention(
         ringattn.context_parallel_attention,
         *(to(x) for x in (q, k, v, do)),
