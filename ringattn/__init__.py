@@ -19,6 +19,7 @@ from ringattn.parallel.layouts import LAYOUTS, from_layout, to_layout
 from ringattn.parallel.ring import ring_attention
 from ringattn.parallel.schedule import Schedule, Tile, format_schedule, tile_schedule
 from ringattn.parallel.ulysses import ulysses_attention
+from ringattn.promises import debug_checks
 
 __all__ = [
     "LAYOUTS",
@@ -32,6 +33,7 @@ __all__ = [
     "choose_layout",
     "choose_strategy",
     "context_parallel_attention",
+    "debug_checks",
     "estimate_costs",
     "format_schedule",
     "from_layout",

@@ -30,8 +30,9 @@ from typing import NamedTuple
 
 import jax
 
-# The platform names `lowering_platforms` takes.
+# The platform names `lowering_platforms` takes, and what else users call them.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+ALIASES = {"gpu": "cuda"}
 
 # Made once, at import: JAX asks that user contexts are not made while other threads use JAX.
 _TARGET = jax.make_user_context(None)
@@ -39,11 +40,14 @@ _TARGET = jax.make_user_context(None)
 
 @contextlib.contextmanager
 def target_platform(name):
-    """Trace attention for platform `name` ('cuda', 'rocm', 'tpu' or 'cpu'; None: the platform
-    this runs on), for lowering with `lowering_platforms=(name,)` (module docstring)."""
+    """Trace attention for platform `name` ('cuda' (or 'gpu'), 'rocm', 'tpu' or 'cpu'; None: the
+    platform this runs on), for lowering with `lowering_platforms=(name,)` (module docstring).
+    Yields the platform's name as `lowering_platforms` takes it."""
+    name = ALIASES.get(name, name)
     if name is not None and name not in PLATFORMS:
         raise ValueError(
-            f"target_platform: `name` must be one of {PLATFORMS} or None, got {name!r}."
+            f"target_platform: `name` must be one of {PLATFORMS + tuple(ALIASES)} or None, got "
+            f"{name!r}."
         )
     with _TARGET(name):
         yield name

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ringattn import deprecation
+from ringattn import deprecation, promises
 from ringattn.attention.kernels.xla import from_storage, to_storage
 
 KINDS = ("full", "sink_window", "window")
@@ -235,6 +235,31 @@ def check_new(fn, cache, k_new, v_new, pos_new, names=("k_new", "v_new", "pos_ne
     check_positions(fn, pos_name, pos_new, (b, np.shape(k_new)[1]))
 
 
+def check_fits(fn, cache, pos_new, name="pos_new"):
+    """A full cache holds positions 0 .. max_len - 1: a chunk longer than that is refused at
+    trace time, a position past the end is a broken promise (promises.py: checked in eager
+    calls, and in traced ones under `ringattn.debug_checks()`)."""
+    if cache.kind != "full":
+        return  # window kinds hold a stream: they evict, by design
+    t = np.shape(pos_new)[1]
+    if t > cache.num_slots:
+        raise ValueError(
+            f"{fn}: {t} new tokens cannot fit a 'full' cache of max_len {cache.num_slots}; "
+            "make the cache longer (init_cache's max_len) or use a window cache."
+        )
+    if not promises.needed(pos_new):
+        return
+    top = jnp.max(jnp.asarray(pos_new, jnp.int32))
+    promises.check(
+        fn,
+        top < cache.num_slots,
+        f"`{name}` reaches position {{top}}, past the end of the 'full' cache (max_len "
+        f"{cache.num_slots}): those tokens would not be stored; make the cache longer or use a "
+        "window cache.",
+        top=top,
+    )
+
+
 def check_positions(fn, name, pos, shape):
     if tuple(np.shape(pos)) != tuple(shape):
         raise ValueError(f"{fn}: `{name}` must have shape {tuple(shape)}, got {np.shape(pos)}.")
@@ -290,6 +315,7 @@ def update(cache: KVCache, k_new, v_new, pos_new) -> KVCache:
     """The cache with k_new/v_new [B, t, K, D] written at positions pos_new [B, t] int32
     (negative: padding, not written). See the module docstring for where each token goes."""
     check_new("update", cache, k_new, v_new, pos_new)
+    check_fits("update", cache, pos_new)
     return write(cache, k_new, v_new, pos_new)
 
 

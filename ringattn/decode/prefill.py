@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ringattn import deprecation
+from ringattn import deprecation, promises
 from ringattn.attention import inputs, keywords
 from ringattn.attention.kernels import dispatch
 from ringattn.attention.masks import public_lse
@@ -60,6 +60,16 @@ def _check(fn, q, k, v, q_pos, cache, strategy, cache_bound, attention):
     if cache_bound is not None and (bad or cache_bound < 0):
         raise ValueError(f"{fn}: `cache_bound` must be None or an int >= 0, got {cache_bound!r}.")
     cache_lib.check_new(fn, cache, k, v, q_pos, names=("k", "v", "q_pos"))
+    cache_lib.check_fits(fn, cache, q_pos, "q_pos")
+    if cache_bound is not None and promises.needed(cache.pos):
+        held = jnp.max(cache.pos)
+        promises.check(
+            fn,
+            held < cache_bound,
+            f"`cache_bound`={cache_bound} promises that the cache holds only positions below it, "
+            "but it holds position {held}; pass a larger bound, or None (no promise).",
+            held=held,
+        )
     opts, m, sinks = inputs.check(fn, q, k, v, q_positions=q_pos, kv_positions=q_pos, **attention)
     seg = m.q_seg if m.q_seg is not None else jnp.ones(np.shape(q_pos), jnp.int32)
     bound = None if cache_bound is None else int(cache_bound)
@@ -121,6 +131,7 @@ def sharded_prefill(
     of the chunk, `cache` its shard of the cache; `layout` (the chunk's token order) only informs
     "auto". Returns this device's rows and its cache shard."""
     fn = "sharded_prefill"
+    sharding.check_bound(fn, axis_name, "ringattn.decode.prefill.prefill_on_mesh")
     call, seg, sinks = _check(fn, q, k, v, q_pos, cache, strategy, cache_bound, attention)
     layouts.check_layout_name(fn, layout)
     chosen = choose(call, q, k, lax.axis_size(axis_name), layout, cache)

@@ -35,6 +35,7 @@ from ringattn.parallel import sharding
 
 def check_shard(fn, cache, axis_name):
     """(index, count) of this device's shard, checking that the shards tile the cache."""
+    sharding.check_bound(fn, axis_name, f"ringattn.decode.sharded.{_GLOBAL.get(fn, fn)}")
     n = lax.axis_size(axis_name)
     s_loc = cache.pos.shape[1]
     if s_loc * n != cache.num_slots:
@@ -51,10 +52,15 @@ def check_shard(fn, cache, axis_name):
     return lax.axis_index(axis_name), n
 
 
+# The global-array counterpart of each function that runs on shards (for its errors).
+_GLOBAL = dict(sharded_update="update_on_mesh", sharded_attend="attend_on_mesh")
+
+
 def sharded_update(cache, k_new, v_new, pos_new, *, axis_name):
     """`update` on this device's shard (inside shard_map); k_new/v_new/pos_new replicated."""
     fn = "sharded_update"
     cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
+    cache_lib.check_fits(fn, cache, pos_new)
     index, _ = check_shard(fn, cache, axis_name)
     return cache_lib.write(cache, k_new, v_new, pos_new, shard=index)
 
@@ -132,6 +138,7 @@ def update_on_mesh(cache, k_new, v_new, pos_new, *, mesh, axis_name="context", b
     fn = "update_on_mesh"
     check_mesh(fn, cache, mesh, axis_name, batch_axis)
     cache_lib.check_new(fn, cache, k_new, v_new, pos_new)
+    cache_lib.check_fits(fn, cache, pos_new)
     seq, rows = P(batch_axis, axis_name), P(batch_axis)
     new = [sharding.place(jnp.asarray(x), mesh, rows) for x in (k_new, v_new, pos_new)]
 

@@ -23,7 +23,7 @@ from ringattn.attention import inputs, keywords
 from ringattn.attention.blockwise import exact_attention, make_config
 from ringattn.attention.kernels import base
 from ringattn.attention.kernels.xla import Xla
-from ringattn.parallel import layouts
+from ringattn.parallel import layouts, sharding
 
 
 def gather_sequence(x, axis_name, axis=1):
@@ -166,6 +166,7 @@ def allgather_attention(
     `blockwise_attention`; fused kernels need head_chunks = 1 ("auto" then runs XLA).
     """
     fn = "allgather_attention"
+    sharding.check_bound(fn, axis_name, "ringattn.context_parallel_attention")
     opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _allgather_jit(
         fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout, head_chunks=head_chunks

@@ -16,7 +16,7 @@ import jax
 from jax import lax
 
 from ringattn.attention import inputs, keywords
-from ringattn.parallel import layouts, ring, ulysses
+from ringattn.parallel import layouts, ring, sharding, ulysses
 
 
 def check_axis_pair(fn, axis_name):
@@ -74,6 +74,7 @@ def hybrid_attention(
     q must be a multiple of the Ulysses axis size. `kernel`: the ring steps' kernel.
     """
     fn = "hybrid_attention"
+    sharding.check_bound(fn, axis_name, "ringattn.context_parallel_attention")
     opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _hybrid_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

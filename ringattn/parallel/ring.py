@@ -24,7 +24,7 @@ from ringattn.attention import inputs, keywords, masks
 from ringattn.attention.blockwise import exact_attention, make_config
 from ringattn.attention.kernels import base
 from ringattn.attention.kernels.xla import from_storage, to_storage
-from ringattn.parallel import layouts
+from ringattn.parallel import layouts, sharding
 
 
 class RingPlan(NamedTuple):
@@ -204,6 +204,7 @@ def ring_attention(
     `blockwise_attention`: the single-device kernel every step runs.
     """
     fn = "ring_attention"
+    sharding.check_bound(fn, axis_name, "ringattn.context_parallel_attention")
     opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _ring_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out

@@ -49,3 +49,18 @@ def run_mesh(mesh, *arrays):
         return mesh
     auto = (AxisType.Auto,) * len(mesh.axis_names)
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def check_bound(fn, axis_name, global_fn):
+    """`fn` runs on local shards: every axis `axis_name` names must be bound by an enclosing
+    `jax.shard_map`, else a ValueError says so (JAX's own error is a bare NameError)."""
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    for a in names:
+        try:
+            jax.lax.axis_size(a)
+        except NameError:
+            raise ValueError(
+                f"{fn}: mesh axis {a!r} (`axis_name`) is not bound here. {fn} runs on this "
+                f"device's shards: call it inside `jax.shard_map` over a mesh with that axis, "
+                f"or call `{global_fn}` on global arrays."
+            ) from None

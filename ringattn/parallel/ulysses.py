@@ -19,7 +19,7 @@ import jax
 from jax import lax
 
 from ringattn.attention import blockwise, inputs, keywords
-from ringattn.parallel import layouts
+from ringattn.parallel import layouts, sharding
 from ringattn.parallel.allgather import gather_sequence
 
 
@@ -102,6 +102,7 @@ def ulysses_attention(
     multiple of the axis size. `kernel` as in `blockwise_attention`.
     """
     fn = "ulysses_attention"
+    sharding.check_bound(fn, axis_name, "ringattn.context_parallel_attention")
     opts, m, sinks = inputs.check(fn, q, k, v, **attention, fill_positions=False)
     out, lse = _ulysses_jit(fn, q, k, v, opts, m, sinks, axis_name=axis_name, layout=layout)
     return (out, lse) if return_lse else out
