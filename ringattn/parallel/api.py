@@ -115,8 +115,8 @@ def context_parallel_attention(
     order: one all-to-all (striped) or two collective permutes (zigzag) of each array each way,
     every token moving once), or `layout` itself (already laid out, e.g. once per batch with
     `to_layout` as our trainer does: nothing is permuted and the result stays in that order).
-    A balanced layout without `input_layout` is refused unless positions are given (they then
-    say where every token is). Positions not given are the ones `layout` implies.
+    A balanced layout without `input_layout` is refused unless both q and kv positions are given
+    (they then say where every token is). Positions not given are the ones `layout` implies.
 
     Works eagerly and under `jax.jit`, with any mesh (Explicit or Auto axes). `batch_axis` /
     `head_axis` (a mesh axis, a tuple of axes, or None) shard the batch and the heads (q's H and
@@ -149,7 +149,7 @@ def context_parallel_attention(
     n = math.prod(mesh.shape[a] for a in names)
     layouts.check_layout(fn, layout, q.shape[1], n, "query length")
     layouts.check_layout(fn, layout, k.shape[1], n, "key length")
-    given = attention["q_positions"] is not None or attention["kv_positions"] is not None
+    given = attention["q_positions"] is not None and attention["kv_positions"] is not None
     lengths = {"query length": q.shape[1], "key length": k.shape[1]}
     permute = layouts.check_input_layout(fn, layout, input_layout, given, lengths, n) is not None
     allgather.check_head_chunks(fn, head_chunks, k.shape[2])

@@ -137,6 +137,25 @@ def _zigzag_destinations(n):
     return [home(2 * r) for r in range(n)], [home(2 * r + 1) for r in range(n)]
 
 
+def _ppermute(x, axis_name, perm):
+    """lax.ppermute with `perm` over the index `lax.axis_index(axis_name)` gives, for a tuple of
+    axes too. JAX versions disagree on how ppermute numbers devices over several axes (0.10 in
+    the mesh's axis order, later ones in the tuple's), but agree when the tuple is in mesh
+    order: so the permutation is renumbered into the mesh's order."""
+    if not isinstance(axis_name, (tuple, list)) or len(axis_name) == 1:
+        return jax.lax.ppermute(x, axis_name, perm)
+    names = jax.sharding.get_abstract_mesh().axis_names
+    ordered = tuple(a for a in names if a in axis_name)
+    sizes = {a: jax.lax.axis_size(a) for a in axis_name}
+
+    def renumber(i):  # index over axis_name (row-major) -> index over `ordered`
+        coords = np.unravel_index(i, [sizes[a] for a in axis_name])
+        where = dict(zip(axis_name, coords, strict=True))
+        return int(np.ravel_multi_index([where[a] for a in ordered], [sizes[a] for a in ordered]))
+
+    return jax.lax.ppermute(x, ordered, [(renumber(s), renumber(d)) for s, d in perm])
+
+
 def from_natural(x, layout, axis_name, axis=1):
     """Inside shard_map: this device's shard of a sequence in natural order -> its shard in
     `layout` order. Every token moves once: striped, one all-to-all; zigzag, two collective
@@ -152,8 +171,8 @@ def from_natural(x, layout, axis_name, axis=1):
     else:
         even, odd = _zigzag_destinations(n)
         c = local // 2
-        got_even = jax.lax.ppermute(x[:c], axis_name, list(enumerate(even)))
-        got_odd = jax.lax.ppermute(x[c:], axis_name, list(enumerate(odd)))
+        got_even = _ppermute(x[:c], axis_name, list(enumerate(even)))
+        got_odd = _ppermute(x[c:], axis_name, list(enumerate(odd)))
         first_even = jax.lax.axis_index(axis_name) % 2 == 0  # device d holds chunk d first
         x = jnp.where(
             first_even,
@@ -179,7 +198,7 @@ def to_natural(x, layout, axis_name, axis=1):
         first_even = jax.lax.axis_index(axis_name) % 2 == 0
         mine_even = jnp.where(first_even, x[:c], x[c:])
         mine_odd = jnp.where(first_even, x[c:], x[:c])
-        back_even = jax.lax.ppermute(mine_even, axis_name, [(d, r) for r, d in enumerate(even)])
-        back_odd = jax.lax.ppermute(mine_odd, axis_name, [(d, r) for r, d in enumerate(odd)])
+        back_even = _ppermute(mine_even, axis_name, [(d, r) for r, d in enumerate(even)])
+        back_odd = _ppermute(mine_odd, axis_name, [(d, r) for r, d in enumerate(odd)])
         x = jnp.concatenate([back_even, back_odd])
     return jnp.moveaxis(x, 0, axis)

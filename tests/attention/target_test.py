@@ -14,8 +14,8 @@ from ringattn.attention.target import Call
 
 
 def test_rejects_unknown_platforms():
-    with pytest.raises(ValueError, match=r"`name` must be one of .*'tpu'.* got 'gpu'"):
-        with ringattn.target_platform("gpu"):
+    with pytest.raises(ValueError, match=r"`name` must be one of .*'tpu'.*'gpu'.* got 'npu'"):
+        with ringattn.target_platform("npu"):
             pass
 
 

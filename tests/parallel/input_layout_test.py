@@ -20,6 +20,7 @@ CASES = [  # strategy, mesh shape, layout: each balanced layout on each strategy
     ("allgather", (2,), "striped"),
     ("ulysses", (2,), "zigzag"),
     ("hybrid", (2, 2), "striped"),
+    ("hybrid", (2, 2), "zigzag"),  # ppermute over two axes, not in the mesh's order
 ]
 
 

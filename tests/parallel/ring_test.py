@@ -232,6 +232,7 @@ def test_context_parallel_layouts(helpers, layout):
         dict(segment_ids=seg),
         mesh=mesh,
         layout=layout,
+        input_layout=layout,
         **static,
         **BLOCKS[n],
     )
@@ -267,6 +268,7 @@ def test_context_parallel_2d_mesh_without_lse(helpers):
                 mesh=mesh,
                 axis_name="seq",
                 layout=layout,
+                input_layout=layout,
                 segment_ids=seg,
                 kv_segment_ids=kv_seg,
                 q_positions=q_pos,
