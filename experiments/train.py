@@ -4,9 +4,10 @@
   python experiments/train.py --workdir=/tmp/x --config=configs/default.py:long
   python experiments/train.py --workdir=/tmp/x --config=configs/default.py:7b_1m --dry_run
 
-Rerunning a command resumes from the newest checkpoint in --workdir. Multi-host: pass
---coordinator_address, --num_processes and --process_id on every host (or none of them where
-JAX detects the cluster itself, e.g. SLURM, TPU pods).
+Rerunning a command resumes from the newest checkpoint in --workdir. Multi-host: the same command
+on every process; where JAX detects the cluster itself (SLURM, Open MPI, Cloud TPU, Kubernetes)
+that is all, elsewhere pass --coordinator_address, --num_processes and --process_id
+(README: Multi-host).
 
 Output: progress and evaluation lines, and warnings; libraries' INFO logs (Orbax's ~60 lines per
 checkpoint, JAX's backend probe) only with absl's `-v 0` (`--verbosity=0`). Metrics also go to
@@ -32,11 +33,21 @@ _WORKDIR = flags.DEFINE_string(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile one train step on simulated CPU devices and print per-device memory."
 )
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Start jax.distributed: auto (when the flags below are given or JAX detects a cluster of "
+    "several processes: SLURM, Open MPI, Cloud TPU, Kubernetes), on, off.",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "num_cpu_devices", 8, "Simulated devices per process when running on CPU."
+    "num_cpu_devices",
+    None,
+    "Simulated devices per process when running on CPU (default: XLA_FLAGS' "
+    "--xla_force_host_platform_device_count, else 8).",
 )
 
 
@@ -44,19 +55,20 @@ def main(argv):
     del argv
     import jax
 
-    from ringattn.mesh import start_entrypoint
+    from ringattn.mesh import start_distributed, start_entrypoint
 
     config = _CONFIG.value
-    if _DRY_RUN.value:  # the whole mesh, simulated
+    if _DRY_RUN.value:  # the whole mesh, simulated, in this process alone
         jax.config.update("jax_platforms", "cpu")
         start_entrypoint(math.prod(max(s, 1) for s in config.mesh.values()))
     else:
         start_entrypoint(_CPU_DEVICES.value)
-    distributed = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if any(x is not None for x in distributed):
-        from ringattn.mesh import initialize_distributed
-
-        initialize_distributed(*distributed)
+        try:
+            start_distributed(
+                _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+            )
+        except ValueError as e:
+            raise app.UsageError(str(e)) from e
 
     from ringattn.train import trainer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ringattn.attention.kernels.dispatch import KERNELS
 from ringattn.mesh import DEFAULT_RULES
 from ringattn.nn.rope import RopeConfig
 
@@ -32,10 +33,18 @@ class AttentionConfig:
     # A prompt chunk against a sharded cache that holds tokens (ringattn/decode/chunked.py):
     # pass_kv | pass_q | decode | auto (the cost model's choice per call).
     prefill: str = "auto"
+    # The single-device kernel (ringattn/attention/kernels/dispatch.py): auto (the platform's
+    # first that passes its probe on every process) | xla | pallas_gpu | cudnn | pallas_tpu
+    # (pinned: no probe chooses). Speed only: results agree to rounding.
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"AttentionConfig: `impl` must be one of {IMPLS}, got {self.impl!r}.")
+        if self.kernel not in KERNELS:
+            raise ValueError(
+                f"AttentionConfig: `kernel` must be one of {KERNELS}, got {self.kernel!r}."
+            )
         if self.prefill not in PREFILL:
             raise ValueError(
                 f"AttentionConfig: `prefill` must be one of {PREFILL}, got {self.prefill!r}."

@@ -65,7 +65,7 @@ def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKE, positions_BT, segm
         return reference_attention(q_BTHD, k_BTKD, v_BTKE, **mask)
     if a.impl == "blockwise":
         return blockwise_attention(
-            q_BTHD, k_BTKD, v_BTKE, block_q=a.block_q, block_k=a.block_k, **mask
+            q_BTHD, k_BTKD, v_BTKE, block_q=a.block_q, block_k=a.block_k, kernel=a.kernel, **mask
         )
     if mesh is None:
         raise ValueError(
@@ -86,6 +86,7 @@ def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKE, positions_BT, segm
         head_axis=mesh_axes_for(cfg.rules, "act_heads") or None,
         block_q=a.block_q,
         block_k=a.block_k,
+        kernel=a.kernel,
         **extra,
         **mask,
     )
@@ -142,6 +143,7 @@ def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT
         cache_bound=cache_bound,
         block_q=a.block_q,
         block_k=a.block_k,
+        kernel=a.kernel,
     )
     if not shards_cache(cfg, mesh):
         return prefill_lib.prefill(q_BTHD, k_BTKD, v_BTKD, positions_BT, cache, **opts)

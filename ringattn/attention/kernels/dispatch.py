@@ -21,6 +21,12 @@ kind) is used: compiled and run once on a small problem, outside the caller's tr
 the XLA kernel. Under "auto" one that fails is skipped with a warning, once; a kernel asked for
 by name or object that fails raises an error naming the cause and the kernels that would work.
 
+In a multi-process job every process must run the same kernels (probe.py explains how): under
+"auto" a kernel is used only where every process's checks and probe passed, and the warning
+names the processes (and hosts) that refused it; a kernel asked for by name or object raises on
+every process when any process cannot run it. Asking by name (AttentionConfig.kernel) pins the
+choice: no chain of probes decides it.
+
 Lowering for a target platform (`with ringattn.target_platform("tpu"):` around
 `jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`) chooses for that platform, on the
 static checks alone: the probe cannot run another platform's program, so it is skipped, and
@@ -44,6 +50,7 @@ from ringattn.attention.kernels.pallas_gpu import PallasGpu
 from ringattn.attention.kernels.xla import Xla
 
 KERNELS = ("auto", "xla", "pallas_gpu", "cudnn", "pallas_tpu")
+_OBJECTS = (Xla, fused.FusedKernel)  # the kernel objects a call may pass
 _GPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _HALF = (jnp.bfloat16, jnp.float16)
 
@@ -187,38 +194,59 @@ def _cudnn_missing(c: Call):
 
 
 def _auto(c: Call):
-    """The first kernel of the platform's chain that passes its probe (module docstring)."""
+    """The first kernel of the platform's chain that passes its checks and probe on every
+    process (module docstring)."""
     if c.where == "gpu" and _problem("pallas_gpu", c) is None:
-        pallas = _first_working(c, [PallasGpu()])
+        pallas = _first_working(c, [(PallasGpu(), None)])
         partial = pallas or fused.FusedXla()  # cuDNN's steps it cannot express
-        why = _problem("cudnn", c)
-        if why is None:
-            chosen = _first_working(c, [cudnn.Cudnn(fallback=partial)])
-            if chosen is not None:
-                return chosen
-        elif c.target == "cuda" and why == _cudnn_missing(c):  # not what a GPU would run
-            warn_once(
+        why = _problem("cudnn", c)  # gathered, not branched on: it depends on the machine
+        chosen = _first_working(c, [(cudnn.Cudnn(fallback=partial), why)])
+        if chosen is not None:
+            return chosen
+        if c.target == "cuda" and why is not None and why == _cudnn_missing(c):
+            warn_once(  # not what a GPU would run
                 f"{c.fn}: lowering for CUDA without the cuDNN path ({why}): the program runs "
                 f"{(pallas or _xla(c)).name!r} where a GPU would run cuDNN."
             )
         return pallas or _xla(c)
-    if c.where == "tpu" and _problem("pallas_tpu", c) is None:
-        return _first_working(c, [splash.PallasTpu()]) or _xla(c)
+    if c.where == "tpu":
+        return _first_working(c, [(splash.PallasTpu(), _problem("pallas_tpu", c))]) or _xla(c)
     return _xla(c)
 
 
-def _first_working(c: Call, kernels):
-    if c.lowering:  # for another platform: the probe cannot run its programs
-        return kernels[0]
-    for kern in kernels:
-        why = probe.failure(kern.fit(c.q_len, c.kv_len), c.dtype, c.head_dim, c.v_head_dim, c.kind)
-        if why is None:
+def _first_working(c: Call, candidates):
+    """The first kernel of `candidates` ((kernel, why it cannot run here before any probe, or
+    None), ...) that runs on every process: no check found a problem and its probe passed
+    (probe.everywhere). Warns about one that failed a probe or is refused by some processes
+    only, naming them."""
+    for kern, problem in candidates:
+        if c.lowering:  # for another platform: the probe cannot run its programs
+            if problem is None:
+                return kern
+            continue
+        fitted = kern.fit(c.q_len, c.kv_len)
+        answers = probe.everywhere(fitted, c.dtype, c.head_dim, c.v_head_dim, c.kind, problem)
+        refused = [a for a in answers if a.text is not None]
+        if not refused:
             return kern
-        warn_once(
-            f"{c.fn}: kernel {kern.name!r} failed its check on {jnp.dtype(c.dtype).name}, head "
-            f"dim {c.head_dim}, {c.kind}: {why}. Using the next kernel."
-        )
+        if problem is None or len({a.text for a in answers}) > 1:
+            warn_once(_refusal(c, kern, refused, len(answers)))
     return None
+
+
+def _refusal(c: Call, kern, refused, num_processes):
+    """The warning that names the processes that `refused` (probe.Answer each) `kern`, and why."""
+    what = (
+        f"{c.fn}: kernel {kern.name!r} failed its check on {jnp.dtype(c.dtype).name}, head "
+        f"dim {c.head_dim}, {c.kind}"
+    )
+    if num_processes == 1:
+        return f"{what}: {refused[0].text}. Using the next kernel."
+    hosts = "; ".join(f"process {a.process} ({a.host}): {a.text}" for a in refused)
+    return (
+        f"{what} on {len(refused)} of {num_processes} processes ({hosts}). Every process uses "
+        f"the next kernel."
+    )
 
 
 def resolve(fn, opts, dtype, head_dim, v_head_dim, q_len, kv_len, segments=False):
@@ -239,30 +267,66 @@ def resolve(fn, opts, dtype, head_dim, v_head_dim, q_len, kv_len, segments=False
         platform(),
         target.current(),
     )
-    if isinstance(kernel, str) and kernel in KERNELS:
-        if kernel == "auto":
-            kern = _xla(c) if opts.tile_callback is not None else _auto(c)
-        else:
-            kern = _named(c, kernel)
-    elif isinstance(kernel, (Xla, fused.FusedKernel)):
-        kern = kernel  # an object gets the checks its name gets (interpreted ones: test tools)
-        why = None if interpreted(kern, c.where) else _problem(kern.name, c)
-        why = why or kern.supports(opts.logits_soft_cap, head_dim, v_head_dim)
-        if why is not None:
-            raise _unsupported(c, kernel, why)
-    else:
+    if isinstance(kernel, str) and kernel == "auto":
+        kern = _xla(c) if opts.tile_callback is not None else _auto(c)
+        return kern.fit(q_len, kv_len)
+    if not (isinstance(kernel, str) and kernel in KERNELS or isinstance(kernel, _OBJECTS)):
         raise ValueError(
             f"{fn}: `kernel` must be one of {KERNELS} or a kernel object "
             f"(Xla, PallasGpu, Cudnn, PallasTpu), got {kernel!r}."
         )
+    if kernel == "xla" or isinstance(kernel, Xla) or c.lowering:
+        return _pinned(c, opts)  # the same on every machine: nothing to agree
+    return _agreed(c, kernel, lambda: _pinned(c, opts))
+
+
+def _pinned(c: Call, opts):
+    """The kernel a call asks for by name or object, fitted to its lengths; raises a ValueError
+    naming the kernels that would work when it cannot run the inputs or fails its probe."""
+    kernel = opts.kernel
+    if isinstance(kernel, str):
+        kern = _named(c, kernel)
+    else:
+        kern = kernel  # an object gets the checks its name gets (interpreted ones: test tools)
+        why = None if interpreted(kern, c.where) else _problem(kern.name, c)
+        why = why or kern.supports(opts.logits_soft_cap, c.head_dim, c.v_head_dim)
+        if why is not None:
+            raise _unsupported(c, kernel, why)
     if not isinstance(kern, Xla) and opts.tile_callback is not None:
         raise ValueError(
-            f"{fn}: `tile_callback` reports the XLA kernel's tiles only; got kernel={kernel!r}. "
+            f"{c.fn}: `tile_callback` reports the XLA kernel's tiles only; got kernel={kernel!r}. "
             f"Use kernel='xla' with a tile_callback."
         )
-    kern = kern.fit(q_len, kv_len)
-    if kernel != "auto" and not isinstance(kern, Xla) and not c.lowering:
-        why = probe.failure(kern, dtype, head_dim, v_head_dim, c.kind)
+    kern = kern.fit(c.q_len, c.kv_len)
+    if not isinstance(kern, Xla) and not c.lowering:
+        why = probe.failure(kern, c.dtype, c.head_dim, c.v_head_dim, c.kind)
         if why is not None:
             raise _unsupported(c, kernel, f"it failed its check ({why})")
     return kern
+
+
+def _agreed(c: Call, kernel, pinned):
+    """pinned() (a kernel asked for by name or object), the same on every process: on several,
+    each process's outcome (the kernel object, or the error) is gathered once per call kind,
+    and every process raises when any cannot run it or would run another (a cuDNN missing on
+    one host): none compiles a program the others do not."""
+    try:
+        kern, error = pinned(), None
+    except ValueError as e:
+        kern, error = None, e
+    answers = _outcomes(c, kernel, repr(kern) if error is None else f"error: {error}")
+    if len({a.text for a in answers}) > 1:
+        each = "; ".join(f"process {a.process} ({a.host}): {a.text}" for a in answers)
+        raise ValueError(
+            f"{c.fn}: kernel={kernel!r} resolves differently across processes ({each}). Every "
+            f"process must compile the same program: ask for a kernel that runs on every host "
+            f"(kernel='xla' always does)."
+        )
+    if error is not None:
+        raise error
+    return kern
+
+
+@functools.cache
+def _outcomes(c: Call, kernel, mine):
+    return probe.gather(mine)

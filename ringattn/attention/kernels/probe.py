@@ -8,6 +8,28 @@ forward, the forward continuing a state (a ring step), the backward and the back
 gradients. It runs now, outside whatever trace asked (in a thread of its own), once per combination
 per process; dispatch.py turns a failure into a fallback or an error.
 
+Several processes (a multi-host job) must make the same choice, or they compile different
+programs and the collectives hang. `everywhere` is the answer of every process: its own (a check
+before any probe, or the probe's) and the others', gathered with
+`jax.experimental.multihost_utils.process_allgather`; dispatch.py uses a kernel only where no
+process refused it. Why this cannot deadlock:
+  - a gather is a collective: every process must reach it, in the same order. Every process
+    traces the same program, so it resolves the same calls in the same order, and dispatch.py
+    decides whether to gather from the program alone (kernel asked for, platform, dtype, head
+    dims, mask kind, lowering target) and from earlier gathered answers, never from what the
+    local machine has: a check that depends on it (cuDNN's version, JAX's splash module) is
+    gathered too. So every process gathers the same combinations in the same order.
+  - a gather happens once per combination per process (the first time it is resolved; cached
+    like the probe), so every process's cache holds the same combinations;
+  - it runs in a fresh thread (outside the caller's trace) while the calling thread waits in its
+    trace: nothing of the caller is half-dispatched, and the gather's program is queued after
+    everything the process dispatched before, in the same order on every process;
+  - on one process there is nothing to agree: no collective, no cost.
+What it asks: every process traces every computation that resolves a fused kernel (as any
+multi-process program does), from one thread. A computation only some processes trace (process 0
+alone on its local devices) would gather alone and wait for ever: ask for kernel="xla" there, the
+one kernel never gathered (it runs on every machine).
+
 `lower` traces the same passes and lowers them for a platform, without running them (on any
 machine: target.py): what a kernel's compile-time constraints allow is checked there.
 """
@@ -17,10 +39,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import socket
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ringattn.attention import inputs, masks
 from ringattn.attention.kernels import base
@@ -178,3 +203,45 @@ def failure(kern, dtype, head_dim, v_head_dim, kind: MaskKind):
         if err > tol:
             return f"{name} differs from the XLA kernel's by {err:.2e} (relative, > {tol:g})"
     return None
+
+
+# The longest text a process contributes to a gather, in bytes (longer texts are cut).
+_GATHER_BYTES = 1024
+
+
+class Answer(NamedTuple):
+    """One process's contribution to a gather."""
+
+    process: int
+    host: str
+    text: str
+
+
+def gather(text: str) -> tuple[Answer, ...]:
+    """Every process's `text` with its index and host name, in process order: this process's
+    alone on one process (no collective), else one process_allgather that every process must
+    reach (module docstring), run outside any trace."""
+    host = socket.gethostname()
+    if jax.process_count() == 1:
+        return (Answer(0, host, text),)
+    data = f"{host}|{text}".replace("\0", " ").encode()[:_GATHER_BYTES]
+    row = np.zeros(_GATHER_BYTES, np.uint8)
+    row[: len(data)] = np.frombuffer(data, np.uint8)
+    rows = _outside_any_trace(lambda: multihost_utils.process_allgather(row))
+    texts = (bytes(r).rstrip(b"\0").decode(errors="replace") for r in np.asarray(rows))
+    return tuple(Answer(i, *t.split("|", 1)) for i, t in enumerate(texts))
+
+
+def everywhere(kern, dtype, head_dim, v_head_dim, kind: MaskKind, problem=None):
+    """Every process's answer for `kern` on this combination (Answer.text: None where it runs,
+    else why not): `problem` where one is given (why it cannot run there, found before any
+    probe), else the probe's `failure`. Gathered from every process in a multi-process job,
+    once per combination per process (module docstring)."""
+    why = problem if problem is not None else failure(kern, dtype, head_dim, v_head_dim, kind)
+    return _gathered(kern, jnp.dtype(dtype), head_dim, v_head_dim, kind, why or "")
+
+
+@functools.cache
+def _gathered(kern, dtype, head_dim, v_head_dim, kind, why):
+    """gather(why) for a combination, once: `why` is this process's (cached) answer for it."""
+    return tuple(a._replace(text=a.text or None) for a in gather(why))
