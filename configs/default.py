@@ -5,18 +5,28 @@
   python experiments/train.py --workdir=/tmp/x --config=configs/default.py:7b_1m --dry_run
   python experiments/train.py --workdir=/tmp/passkey_yarn --config=configs/default.py:extend \
       --config.init_from=/tmp/passkey --config.model.rope.scaling=yarn
+  python experiments/train.py --workdir=/tmp/smollm2_text --config=configs/default.py:text \
+      --config.init_from=$HOME/.cache/ringattn/smollm2/run
   python experiments/train.py --workdir=/tmp/x --config=configs/default.py:llama3_8b_128k --dry_run
 
 Variants (`--config=configs/default.py:<variant>`): "" (default), "long" (128 -> 256 -> 512 -> 1024
 token curriculum), "test" (tiny and fast, for the tests), "text" (byte-level LM on local Python
-sources), "7b_1m" (a Llama-2-7B shape at 1M tokens on a 256-device mesh: for --dry_run),
-"extend" (the default passkey model, given by --config.init_from, fine-tuned at 1024 tokens with
-the RoPE scaling that --config.model.rope.scaling names), "llama3_8b_128k" (Llama 3.1 8B at 128K
-tokens on 32 devices: fine-tuning a checkpoint imported by experiments/import_hf.py, or --dry_run).
+sources; the data only: the default model, or --config.init_from's), "7b_1m" (a Llama-2-7B shape
+at 1M tokens on a 256-device mesh: for --dry_run), "extend" (the default passkey model, given by
+--config.init_from, fine-tuned at 1024 tokens with the RoPE scaling that
+--config.model.rope.scaling names), "llama3_8b_128k" (Llama 3.1 8B at 128K tokens on 32 devices:
+fine-tuning a checkpoint imported by experiments/import_hf.py, or --dry_run).
 Any field can be overridden: --config.num_train_steps=100 --config.model.attention.impl=dense.
+Model fields left unset come from the run being continued (init_from, or a rerun): see `model`.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder as unset
+
+# RopeConfig's fields (ringattn/nn/rope.py) and their types.
+ROPE_FIELDS = dict(theta=float, scaling=str, factor=float, original_len=int, beta_fast=float)
+ROPE_FIELDS |= dict(beta_slow=float, attention_factor=float, low_freq_factor=float)
+ROPE_FIELDS |= dict(high_freq_factor=float)
 
 
 def get_config(variant=""):
@@ -38,7 +48,8 @@ def get_config(variant=""):
     c.b1, c.b2 = 0.9, 0.98
     c.grad_clip = 1.0
     # A run directory (ours, or one written by experiments/import_hf.py) to start from: its newest
-    # parameters, its model shape; a fresh optimizer at step 0 (ringattn/train/rundir.py). "": none.
+    # parameters, its model but where this config requests otherwise (see `model`), a fresh
+    # optimizer at step 0; everything else is this config's (ringattn/run/fields.py). "": none.
     c.init_from = ""
     c.num_train_steps = 700
     # Logging, evaluation (exact-match accuracy on held-out batches), checkpoints.
@@ -49,37 +60,53 @@ def get_config(variant=""):
     c.keep_checkpoints = 3
     # Mesh axis sizes (ringattn/mesh.py); -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, context=-1))
-    # Model (ringattn/nn/config.py documents every field).
+    # Model (ringattn/nn/config.py documents every field). Fields left unset (None) come from the
+    # run being continued (--config.init_from, or a rerun in the same workdir), else they are
+    # ModelConfig's defaults (the values in the comments: the passkey model); a value set here or
+    # by a flag is requested (ringattn/run/fields.py). Shape fields: set only for a fresh model
+    # (with init_from the run's shape is kept, and another value is an error).
     m = c.model = ml_collections.ConfigDict()
-    m.vocab_size = 256  # bytes
-    m.num_layers = 2
-    m.d_model = 128
-    m.num_heads = 4
-    m.num_kv_heads = 4
-    m.head_dim = 32
-    m.v_head_dim = 0  # values' own head dim (MLA-style); 0: head_dim
-    m.mlp_dim = 512
+    m.vocab_size = unset(int)  # 256: bytes
+    m.num_layers = unset(int)  # 2
+    m.d_model = unset(int)  # 128
+    m.num_heads = unset(int)  # 4
+    m.num_kv_heads = unset(int)  # 4
+    m.head_dim = unset(int)  # 32
+    m.v_head_dim = unset(int)  # 0: head_dim (values' own head dim, MLA-style)
+    m.mlp_dim = unset(int)  # 512
+    m.tie_embeddings = unset(bool)  # True
+    # What the parameters compute: unset = the run's (or the default for a fresh model).
+    m.scale_tied_logits = unset(bool)  # True: tied logits / sqrt(d_model); Hugging Face's: False
+    m.norm_eps = unset(float)  # 1e-6
+    # RoPE (ringattn/nn/rope.py): theta 10000, scaling none | linear | ntk | yarn | llama3, factor
+    # (target / original length), original_len (8192), yarn's beta_fast / beta_slow /
+    # attention_factor, llama3's low_freq_factor / high_freq_factor.
+    m.rope = ml_collections.ConfigDict()
+    for name, kind in ROPE_FIELDS.items():
+        m.rope[name] = unset(kind)
+    # Variants: logit soft cap c (c tanh(s / c); 0: none), a learned sink logit per head and
+    # layer (False), and local layers: a query at i sees keys i - local_window_size .. i (unset
+    # for a fresh model: global; Hugging Face's `sliding_window` is local_window_size + 1), every
+    # layer (global_every = 0, Mistral) or all but every global_every-th (Gemma 2: 2; 1: none).
+    m.attention = ml_collections.ConfigDict()
+    m.attention.logits_soft_cap = unset(float)
+    m.attention.sinks = unset(bool)
+    m.attention.local_window_size = unset(int)
+    m.attention.global_every = unset(int)
+    # Speed and memory only: always this config's (unset blocks: the platform's default).
+    m.attention.impl = "ring"
+    m.attention.layout = "zigzag"
+    m.attention.axis = "context"
+    m.attention.block_q = unset(int)
+    m.attention.block_k = unset(int)
+    # The single-device kernel: auto (the platform's best that passes its probe on every
+    # process) | xla | pallas_gpu | cudnn | pallas_tpu (pinned, the same on every process).
+    m.attention.kernel = "auto"
     m.mlp_chunk_size = 0
-    m.tie_embeddings = True
-    m.scale_tied_logits = True  # tied logits / sqrt(d_model) (ours); Hugging Face's: False
     m.remat = "none"
     m.scan_layers = False
     m.dtype = "float32"
     m.param_dtype = "float32"
-    m.rope = ml_collections.ConfigDict(dict(theta=10_000.0, scaling="none", factor=1.0))
-    m.attention = ml_collections.ConfigDict(
-        dict(impl="ring", layout="zigzag", axis="context", block_q=128, block_k=128)
-    )
-    # Variants: logit soft cap c (c tanh(s / c); 0: none), a learned sink logit per head and
-    # layer, and local layers: each query sees the last `sliding_window` tokens (0: none), every
-    # layer (global_every = 0, Mistral) or all but every global_every-th (Gemma 2: 2).
-    m.attention.logits_soft_cap = 0.0
-    m.attention.sinks = False
-    m.attention.sliding_window = 0
-    m.attention.global_every = 0
-    # The single-device kernel: auto (the platform's best that passes its probe on every
-    # process) | xla | pallas_gpu | cudnn | pallas_tpu (pinned, the same on every process).
-    m.attention.kernel = "auto"
 
     if variant == "long":
         c.curriculum = ((0, 128), (300, 256), (700, 512), (1000, 1024))
@@ -109,8 +136,7 @@ def get_config(variant=""):
         c.task_params = ml_collections.ConfigDict()  # the Python standard library's sources
         c.seq_len = 512
         c.num_train_steps = 1000
-        m.num_layers, m.d_model, m.mlp_dim, m.num_heads, m.num_kv_heads = 4, 256, 1024, 8, 4
-        m.head_dim = 32
+        # No model field: a fresh model is the default one; with --config.init_from, the run's.
     elif variant == "7b_1m":
         # Llama-2-7B shape (32 layers, d 4096, 32 heads, SwiGLU 11008) with GQA (8 KV heads),
         # 1M tokens per sequence on 256 devices: 8-way tensor, 32-way context; weights and
@@ -128,7 +154,7 @@ def get_config(variant=""):
         m.scan_layers = True
         m.mlp_chunk_size = 4096
         m.rope.theta = 500_000.0
-        m.attention.update(dict(impl="ring", layout="zigzag", block_q=1024, block_k=1024))
+        m.attention.block_q = m.attention.block_k = 1024
         m.rule_overrides = ml_collections.ConfigDict({"embed": ("fsdp", "context")})
     elif variant == "extend":
         # Context extension: 256 -> 1024 tokens (4x), from the default model's parameters.
@@ -160,11 +186,9 @@ def get_config(variant=""):
         m.remat = "full"
         m.scan_layers = True
         m.mlp_chunk_size = 4096
-        m.rope = ml_collections.ConfigDict(
-            dict(theta=500_000.0, scaling="llama3", factor=8.0, original_len=8192)
-        )
+        m.rope.update(dict(theta=500_000.0, scaling="llama3", factor=8.0, original_len=8192))
         m.rope.low_freq_factor, m.rope.high_freq_factor = 1.0, 4.0
-        m.attention.update(dict(impl="ring", layout="zigzag", block_q=1024, block_k=1024))
+        m.attention.block_q = m.attention.block_k = 1024
         m.rule_overrides = ml_collections.ConfigDict({"embed": ("fsdp", "context")})
     elif variant:
         raise ValueError(f"configs/default.py: unknown variant {variant!r}.")

@@ -116,8 +116,8 @@ def prefill_check():
     tokens of --prefill_check_text, prefilled whole and in chunks, on all devices."""
     from ringattn.evals import prefill_bench
     from ringattn.evals.generate import decoding_params
-    from ringattn.evals.restore import load_run
     from ringattn.hf.tokenizer import load_tokenizer
+    from ringattn.run.load import load_run
 
     if not _WORKDIR.value:
         raise app.UsageError("--prefill_check_text needs --workdir (a run with a tokenizer).")

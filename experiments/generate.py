@@ -50,8 +50,8 @@ def main(argv):
 
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import generate as gen
-    from ringattn.evals.restore import load_run
     from ringattn.hf.tokenizer import load_tokenizer
+    from ringattn.run.load import load_run
 
     if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):
         raise app.UsageError("Give exactly one of --prompt and --prompt_file.")

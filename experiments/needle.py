@@ -50,8 +50,8 @@ def main(argv):
 
     start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
     from ringattn.evals import needle
-    from ringattn.evals.restore import load_run
     from ringattn.hf.tokenizer import HFTokenizer, load_tokenizer
+    from ringattn.run.load import load_run
     from ringattn.train.trainer import curriculum
 
     if not (_WORKDIR.value and _OUT.value):

@@ -296,7 +296,7 @@ def attention_probs(model, params, tokens_BT):
             s = cap * jnp.tanh(s / cap)
         back = np.arange(t)[:, None] - np.arange(t)[None]  # query - key
         window = cfg.layer_window(i)
-        visible = (back >= 0) & (back < (window or t + 1))
+        visible = (back >= 0) & (back <= (t if window is None else window))
         s = jnp.where(visible, s, -jnp.inf)
         if "sinks" in p:  # one more logit per head, whose value vector is 0
             sink = jnp.broadcast_to(p["sinks"][None, :, None, None], (b, cfg.num_heads, t, 1))

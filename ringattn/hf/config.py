@@ -78,8 +78,10 @@ def model_fields(hf: dict) -> dict:
         rope=rope_fields(hf),
     )
     window = hf.get("sliding_window") if model_type == "mistral" else None
-    if window is not None:  # every layer local: Mistral's window, tokens seen incl. itself
-        fields["attention"] = dict(sliding_window=int(window), global_every=0)
+    if window is not None:  # every layer local: HF's window counts the query, ours does not
+        if int(window) < 1:
+            raise _error("sliding_window", "None or >= 1", window)
+        fields["attention"] = dict(local_window_size=int(window) - 1, global_every=0)
     return fields
 
 
@@ -145,8 +147,8 @@ def hf_config(cfg: ModelConfig, dtype: str, template: dict | None = None) -> dic
             "hf_config: a tied model with `scale_tied_logits` has no HF form as tied; export it "
             "untied (ringattn/hf/weights.py writes lm_head = embedding / sqrt(d_model))."
         )
-    window = cfg.attention.sliding_window
-    if window and cfg.attention.global_every:
+    window = cfg.attention.local_window_size
+    if window is not None and cfg.attention.global_every:
         every = cfg.attention.global_every
         raise _error("model.attention.global_every (ours)", "0 (Mistral's form)", every)
     for name in ("logits_soft_cap", "sinks"):
@@ -155,7 +157,8 @@ def hf_config(cfg: ModelConfig, dtype: str, template: dict | None = None) -> dic
     if getattr(cfg, "v_head_dim", None) not in (None, 0, cfg.head_dim):
         raise _error("model.v_head_dim (ours)", "head_dim to export", cfg.v_head_dim)
     template = dict(template or {})
-    model_type = "mistral" if window or template.get("model_type") == "mistral" else "llama"
+    windowed = window is not None
+    model_type = "mistral" if windowed or template.get("model_type") == "mistral" else "llama"
     out = {k: v for k, v in template.items() if k not in OURS}
     out.update(
         architectures=[ARCHITECTURES[model_type]],
@@ -174,7 +177,7 @@ def hf_config(cfg: ModelConfig, dtype: str, template: dict | None = None) -> dic
         **hf_rope(cfg),
     )
     if model_type == "mistral":
-        out["sliding_window"] = window or None
+        out["sliding_window"] = window + 1 if windowed else None
     else:
         out.setdefault("attention_bias", False)
         out.setdefault("mlp_bias", False)

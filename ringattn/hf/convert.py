@@ -3,7 +3,7 @@
 import_checkpoint writes `<workdir>/config.json` (the given training config with the HF model's
 fields), an Orbax checkpoint 0 holding the parameters alone, and `<workdir>/hf/` (the HF
 config.json, tokenizer and generation files, kept for the export). The run loads like a trained
-one (ringattn.evals.restore.load_run) and trains on with --config.init_from. export_checkpoint
+one (ringattn.run.load.load_run) and trains on with --config.init_from. export_checkpoint
 writes a run's newest parameters back in HF's format.
 """
 
@@ -17,20 +17,17 @@ import shutil
 
 import jax
 import ml_collections
-import optax
 
 from ringattn.hf import config as hf_config_lib
 from ringattn.hf import weights as weights_lib
 from ringattn.mesh import make_mesh
-from ringattn.nn.model import Transformer
-from ringattn.train.checkpoint import Checkpointer
-from ringattn.train.rundir import load_config, restore_params
-from ringattn.train.state import state_shardings
-from ringattn.train.trainer import model_config
+from ringattn.nn.config import ModelConfig
+from ringattn.run import fields as run_fields
+from ringattn.run.checkpoint import Checkpointer
+from ringattn.run.directory import load_config, write_config
+from ringattn.run.params import abstract_params, restore_model_params
 
 HF_SUBDIR = "hf"
-# The model fields a conversion takes from the training config rather than from the checkpoint.
-FROM_CONFIG = ("remat", "scan_layers", "mlp_chunk_size", "rule_overrides")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
 
 
@@ -42,20 +39,14 @@ def _placement_mesh(cfg, devices=None):
     return make_mesh({"data": len(devices) // fsdp, "fsdp": fsdp}, devices)
 
 
-def _abstract_params(cfg, mesh):
-    abstract, _ = state_shardings(Transformer(cfg, mesh), optax.identity(), mesh, cfg.rules)
-    return abstract.params
-
-
 def imported_config(hf: dict, base, param_dtype: str):
-    """`base` (a training config) with its model replaced by the HF model's: fields from `hf`,
-    the attention implementation, remat and sharding from `base`, weights in `param_dtype`."""
-    fields = hf_config_lib.model_fields(hf)
-    ours = base.model.to_dict()
-    model = {**fields, **{k: ours[k] for k in FROM_CONFIG if k in ours}}
-    model["attention"] = {**ours.get("attention", {}), **fields.get("attention", {})}
-    model["param_dtype"] = param_dtype
-    model["dtype"] = "bfloat16" if param_dtype == "bfloat16" else "float32"
+    """`base` (a training config) with its model replaced by the HF model's: its shape and
+    function from `hf`, the speed-only fields (attention implementation, blocks, remat,
+    sharding: ringattn/run/fields.py SPEED) from `base`, weights in `param_dtype`."""
+    ours = run_fields.speed_only(base.model)
+    ours["param_dtype"] = param_dtype
+    ours["dtype"] = "bfloat16" if param_dtype == "bfloat16" else "float32"
+    model = run_fields.merge_model(ours, hf_config_lib.model_fields(hf))
     config = ml_collections.ConfigDict(base.to_dict())
     config.model = ml_collections.ConfigDict(model)
     return config
@@ -84,9 +75,9 @@ def write_run(hf, checkpoint, workdir, base, param_dtype, devices=None):
     (weights.Checkpoint's interface) holds: `<workdir>/config.json` (`base` with the model's
     fields, weights in `param_dtype`) and the parameters as checkpoint 0. Returns the config."""
     config = imported_config(hf, base, param_dtype)
-    cfg = model_config(config.model)
+    cfg = ModelConfig.from_config(config.model)
     mesh = _placement_mesh(cfg, devices)
-    abstract = _abstract_params(cfg, mesh)
+    abstract = abstract_params(cfg, mesh)
     params = weights_lib.load_params(checkpoint, abstract, cfg.num_layers, cfg.tie_embeddings)
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, async_save=False)
@@ -94,9 +85,7 @@ def write_run(hf, checkpoint, workdir, base, param_dtype, devices=None):
         ckpt.save(0, {"params": params}, {})
     finally:
         ckpt.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=1))
+    write_config(workdir, config)
     return config
 
 
@@ -135,9 +124,9 @@ def export_checkpoint(workdir, out_dir, *, dtype=None, max_file_bytes=5 << 30, d
     (config.json, safetensors, the imported run's tokenizer files), in `dtype` if given (else
     the parameters' own). Returns the HF config dict."""
     config = load_config(workdir)
-    cfg = model_config(config.model)
+    cfg = ModelConfig.from_config(config.model)
     mesh = _placement_mesh(cfg, devices)
-    _, params = restore_params(workdir, _abstract_params(cfg, mesh))
+    _, params = restore_model_params(workdir, cfg, mesh)
     untie = cfg.tie_embeddings and cfg.scale_tied_logits
     tensors = weights_lib.hf_tensors(params, cfg.num_layers, untie, dtype)
     template_dir = hf_template_dir(workdir)

@@ -1,11 +1,12 @@
-"""The model's configuration: frozen dataclasses, built from an ml_collections config by the
-trainer, so nothing in nn/ reads configs."""
+"""The model's configuration: frozen dataclasses, built from a config's `model` field (a
+ConfigDict or dict) by `ModelConfig.from_config`, so nothing else in nn/ reads configs."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from ringattn.attention.kernels.dispatch import KERNELS
+from ringattn import deprecation
 from ringattn.mesh import DEFAULT_RULES
 from ringattn.nn.rope import RopeConfig
 
@@ -19,16 +20,17 @@ class AttentionConfig:
     impl: str = "ring"  # dense | blockwise | ring | allgather | ulysses | auto
     layout: str = "contiguous"  # token order of the batch: contiguous | zigzag | striped
     axis: str = "context"  # the mesh axis the sequence is split over
-    block_q: int = 512
-    block_k: int = 512
+    block_q: int | None = None  # the XLA kernel's tiles; None: the platform's default
+    block_k: int | None = None
     head_chunks: int = 1  # allgather: gather K/V this many KV-head chunks at a time
     logits_soft_cap: float = 0.0  # > 0: logits become c tanh(s / c) (Gemma 2: 50); 0: none
     sinks: bool = False  # a learned sink logit per query head and layer (gpt-oss)
-    # > 0: local layers' queries see the last `sliding_window` tokens, themselves included
-    # (Hugging Face's Mistral `sliding_window`); 0: every layer attends globally.
-    sliding_window: int = 0
+    # w: a local layer's query at position i sees the keys at i - w .. i (w to its left, as
+    # jax.nn.dot_product_attention's `local_window_size`; Hugging Face's Mistral `sliding_window`
+    # is w + 1); None: every layer attends globally.
+    local_window_size: int | None = None
     # With a window: 0 makes every layer local (Mistral); k makes layers i with (i + 1) % k == 0
-    # global and the others local (Gemma 2: 2, alternating local then global).
+    # global and the others local (Gemma 2: 2, alternating local then global; 1: all global).
     global_every: int = 0
     # A prompt chunk against a sharded cache that holds tokens (ringattn/decode/chunked.py):
     # pass_kv | pass_q | decode | auto (the cost model's choice per call).
@@ -49,8 +51,8 @@ class AttentionConfig:
             raise ValueError(
                 f"AttentionConfig: `prefill` must be one of {PREFILL}, got {self.prefill!r}."
             )
-        for name in ("logits_soft_cap", "sliding_window", "global_every"):
-            if getattr(self, name) < 0:
+        for name in ("logits_soft_cap", "local_window_size", "global_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(
                     f"AttentionConfig: `{name}` must be >= 0, got {getattr(self, name)!r}."
                 )
@@ -89,7 +91,7 @@ class ModelConfig:
         if self.remat not in REMAT:
             raise ValueError(f"ModelConfig: `remat` must be one of {REMAT}, got {self.remat!r}.")
         every = self.attention.global_every
-        if self.scan_layers and self.attention.sliding_window and every:
+        if self.scan_layers and self.attention.local_window_size is not None and every:
             if self.num_layers % every:
                 raise ValueError(
                     f"ModelConfig: scanned layers repeat a group of `global_every` ({every}) "
@@ -101,9 +103,69 @@ class ModelConfig:
         return self.v_head_dim or self.head_dim
 
     def layer_window(self, i: int) -> int | None:
-        """The window layer i attends within (None: global), from `attention.sliding_window`
-        and `attention.global_every`."""
+        """Layer i's `local_window_size` (keys to a query's left; None: global), from
+        `attention.local_window_size` and `attention.global_every`."""
         a = self.attention
-        if not a.sliding_window or (a.global_every and (i + 1) % a.global_every == 0):
+        if a.local_window_size is None or (a.global_every and (i + 1) % a.global_every == 0):
             return None
-        return a.sliding_window
+        return a.local_window_size
+
+    @classmethod
+    def from_config(cls, model) -> ModelConfig:
+        """The ModelConfig of a config's `model` field (a ConfigDict or dict). A field that is
+        None or absent takes the dataclass's default; `rule_overrides` (logical axis -> mesh
+        axes) replaces those entries of DEFAULT_RULES; a deprecated `attention.sliding_window`
+        is read as `local_window_size = sliding_window - 1` (see `upgrade`)."""
+        fields = {k: v for k, v in upgrade(model).items() if v is not None}
+        fields["rope"] = RopeConfig(**_given(fields.get("rope")))
+        fields["attention"] = AttentionConfig(**_given(fields.get("attention")))
+        overrides = {k: _axes(v) for k, v in dict(fields.pop("rule_overrides", {})).items()}
+        unknown = set(overrides) - {name for name, _ in DEFAULT_RULES}
+        if unknown:
+            raise ValueError(f"model.rule_overrides: unknown logical axes {sorted(unknown)}.")
+        fields["rules"] = tuple((name, overrides.get(name, axes)) for name, axes in DEFAULT_RULES)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(fields) - known:
+            raise ValueError(
+                f"ModelConfig.from_config: unknown model fields {sorted(set(fields) - known)}; "
+                f"the fields are {sorted(known - {'rules'})} and rule_overrides."
+            )
+        return cls(**fields)
+
+
+def upgrade(model) -> dict:
+    """A config's `model` field as nested plain dicts, with the deprecated
+    `attention.sliding_window` s (tokens seen, the query included; 0: none) replaced by
+    `local_window_size` = s - 1 (None for 0), with a DeprecationWarning."""
+    model = _plain(model)
+    attention = model.get("attention") or {}
+    if "sliding_window" in attention:
+        attention = dict(attention)
+        old = attention.pop("sliding_window")
+        if attention.get("local_window_size") is not None and old is not None:
+            raise ValueError(
+                "model.attention: give `local_window_size` only, not also the deprecated "
+                f"`sliding_window` (got {attention['local_window_size']!r} and {old!r})."
+            )
+        deprecation.warn(
+            "model.attention.sliding_window (s tokens seen)",
+            "model.attention.local_window_size = s - 1 (keys to a query's left)",
+        )
+        if attention.get("local_window_size") is None:
+            attention["local_window_size"] = old - 1 if old else None
+        model = {**model, "attention": attention}
+    return model
+
+
+def _plain(x):
+    """ConfigDicts (and dicts of them) as nested dicts."""
+    x = x.to_dict() if hasattr(x, "to_dict") else x
+    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def _given(fields):
+    return {k: v for k, v in (fields or {}).items() if v is not None}
+
+
+def _axes(axes):
+    return tuple(axes) if isinstance(axes, (list, tuple)) else axes

@@ -50,11 +50,12 @@ class RMSNorm(nn.Module):
 def attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKE, positions_BT, segment_ids_BT,
               window=None, sinks_H=None):  # fmt: skip
     """Causal attention within documents (segment ids), by the implementation cfg names; a
-    local layer's `window` (tokens seen, itself included), the soft cap and sinks as configured."""
+    local layer's `window` (its `local_window_size`: keys to a query's left), the soft cap and
+    sinks as configured."""
     a = cfg.attention
     mask = dict(
         causal=True,
-        local_window_size=None if window is None else (window - 1, 0),
+        local_window_size=None if window is None else (window, 0),
         segment_ids=segment_ids_BT,
         q_positions=positions_BT,
         kv_positions=positions_BT,
@@ -121,7 +122,7 @@ def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope, 
     variants = dict(
         rope=rope,
         logits_soft_cap=cfg.attention.logits_soft_cap or None,
-        local_window_size=None if window is None else window - 1,
+        local_window_size=window,
         sinks=sinks,
     )
     if not shards_cache(cfg, mesh):
@@ -137,7 +138,7 @@ def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT
     a = cfg.attention
     opts = dict(
         segment_ids=segment_ids_BT,
-        local_window_size=None if window is None else (window - 1, 0),
+        local_window_size=None if window is None else (window, 0),
         logits_soft_cap=a.logits_soft_cap or None,
         sinks=sinks,
         cache_bound=cache_bound,
@@ -163,7 +164,7 @@ class Attention(nn.Module):
     window cache as a decode step would. A decode step (prefill=False) writes the new tokens
     first and attends them to the cache. A full cache stores rotated keys; window kinds store
     them un-rotated and rotate at their positions in the cache (StreamingLLM). `window`: this
-    layer's sliding window (None: global)."""
+    layer's local_window_size (keys to a query's left; None: global)."""
 
     cfg: ModelConfig
     mesh: object = None

@@ -21,7 +21,7 @@ ACT = ("act_batch", "act_length", "act_embed")
 
 class Block(nn.Module):
     """Pre-norm decoder block. Returns (x, None) so that nn.scan can stack it. `window`: its
-    attention's sliding window (None: global)."""
+    attention's local_window_size (keys to a query's left; None: global)."""
 
     cfg: ModelConfig
     mesh: object = None

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from flax import struct
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from ringattn.run.params import init_boxed, restore_model_params, shardings_of
 
 
 @struct.dataclass
@@ -40,31 +38,16 @@ def make_optimizer(
     return tx, schedule
 
 
-def _example_inputs(batch, seq_len):
-    tokens = jnp.zeros((batch, seq_len), jnp.int32)
-    return tokens, tokens, tokens + 1  # tokens, positions, segment ids
-
-
 def _init_boxed(model, tx, rng, batch, seq_len):
-    """The state with parameters (and their optimizer moments) still in logical-axis boxes.
-    Initialised through dense attention on one device: the parameters do not depend on the
-    attention implementation, and init then needs no mesh-shaped example batch."""
-    cfg = model.cfg
-    dense = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="dense"))
-    params = model.clone(cfg=dense, mesh=None).init(rng, *_example_inputs(batch, seq_len))["params"]
+    """The state with parameters (and their optimizer moments) still in logical-axis boxes."""
+    params = init_boxed(model.cfg, rng, batch, seq_len)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
 def state_shardings(model, tx, mesh, rules, batch=1, seq_len=8):
     """(abstract state with shardings, shardings) without allocating anything."""
     boxed = jax.eval_shape(lambda r: _init_boxed(model, tx, r, batch, seq_len), jax.random.key(0))
-    specs = nn.get_partition_spec(boxed)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    shardings = jax.tree.map(
-        lambda s: NamedSharding(mesh, P()) if s is None else s,
-        shardings,
-        is_leaf=lambda s: s is None,
-    )
+    shardings = shardings_of(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.unbox(boxed),
@@ -78,3 +61,16 @@ def init_state(model, tx, mesh, rules, rng, batch=1, seq_len=8):
     _, shardings = state_shardings(model, tx, mesh, rules, batch, seq_len)
     init = lambda r: nn.unbox(_init_boxed(model, tx, r, batch, seq_len))  # noqa: E731
     return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def state_from_run(directory, model, tx, abstract_state):
+    """A train state at step 0 with the parameters of `directory`'s newest readable checkpoint
+    (as `model`'s config has them: ringattn/run/params.py) and a fresh optimizer state, all in
+    `abstract_state`'s shardings."""
+    step, params = restore_model_params(directory, model.cfg, model.mesh)
+    print(f"init_from: parameters of checkpoint {step} in {directory}; step 0, fresh optimizer")
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(zero, params, opt_state)

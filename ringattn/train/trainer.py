@@ -1,10 +1,14 @@
 """The training loop: config -> mesh -> data (in the layout) -> model -> step -> checkpoints.
 
-Resume order: the newest readable checkpoint in `<workdir>/checkpoints`, else the parameters of
-`config.init_from`'s run with a fresh optimizer at step 0 (ringattn/train/rundir.py), else a fresh
-state.
-The config is written to `<workdir>/config.json` (ringattn/evals/restore.py reads it back),
-metrics to `<workdir>/metrics.jsonl` and TensorBoard event files in `<workdir>/tensorboard/`.
+Before anything in the workdir is written, the config is checked against the run already there
+(ringattn/run/directory.py `prepare`; where each field comes from: ringattn/run/fields.py):
+a rerun resumes from the newest readable checkpoint in `<workdir>/checkpoints` (and may change
+only steps, logging, evaluation, checkpoint cadence and speed-only fields; anything else stops
+it with an error naming the fields), else the parameters of `config.init_from`'s run with a fresh
+optimizer at step 0, else a fresh state. Checkpoints that exist but none of which reads stop the
+run; it never silently restarts at step 0.
+The config is written to `<workdir>/config.json` (ringattn/run/load.py reads it back), metrics to
+`<workdir>/metrics.jsonl` and TensorBoard event files in `<workdir>/tensorboard/`.
 A resumed run continues exactly (same batches, same losses) because the data iterator's state is
 saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
 """
@@ -21,37 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ringattn.mesh import DEFAULT_RULES, local_rows, make_mesh, mesh_axes_for
-from ringattn.nn.config import AttentionConfig, ModelConfig
+from ringattn import deprecation
+from ringattn.mesh import local_rows, make_mesh, mesh_axes_for
+from ringattn.nn.config import ModelConfig
 from ringattn.nn.model import Transformer
-from ringattn.nn.rope import RopeConfig
 from ringattn.parallel.layouts import check_layout, layout_positions
+from ringattn.run import directory, fields
+from ringattn.run.checkpoint import Checkpointer
 from ringattn.train import data as data_lib
-from ringattn.train import rundir
-from ringattn.train.checkpoint import Checkpointer
 from ringattn.train.metrics import MetricsWriter, progress_line
-from ringattn.train.state import init_state, make_optimizer, state_shardings
+from ringattn.train.state import init_state, make_optimizer, state_from_run, state_shardings
 from ringattn.train.step import batch_sharding, jit_eval_step, jit_train_step
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation batches come from a stream training never sees
 
-
-def model_config(cfg) -> ModelConfig:
-    """The frozen ModelConfig of a config's `model` field (a ConfigDict or dict)."""
-    fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    fields["rope"] = RopeConfig(**fields.get("rope", {}))
-    fields["attention"] = AttentionConfig(**fields.get("attention", {}))
-    # `rule_overrides`: logical axis -> mesh axes, replacing those entries of DEFAULT_RULES.
-    overrides = {k: _axes(v) for k, v in dict(fields.pop("rule_overrides", {})).items()}
-    unknown = set(overrides) - {name for name, _ in DEFAULT_RULES}
-    if unknown:
-        raise ValueError(f"model.rule_overrides: unknown logical axes {sorted(unknown)}.")
-    fields["rules"] = tuple((name, overrides.get(name, axes)) for name, axes in DEFAULT_RULES)
-    return ModelConfig(**fields)
-
-
-def _axes(axes):
-    return tuple(axes) if isinstance(axes, (list, tuple)) else axes
+model_config = deprecation.alias(ModelConfig.from_config, "ringattn.train.trainer.model_config")
 
 
 def curriculum(config):
@@ -81,7 +69,7 @@ class Experiment:
     def __init__(self, config):
         self.config = config
         self.mesh = make_mesh(dict(config.mesh))
-        self.model_cfg = model_config(config.model)
+        self.model_cfg = ModelConfig.from_config(config.model)
         self.model = Transformer(self.model_cfg, self.mesh)
         self.tx, self.schedule = optimizer(config)
         rules = self.model_cfg.rules
@@ -173,17 +161,21 @@ def evaluate(exp: Experiment, params, seq_len):
 
 def train_and_evaluate(config, workdir):
     """Train (or resume) the experiment `config` in `workdir`; returns the last metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    config = rundir.with_init_from(config)  # the model's shape from init_from's run
+    config, _, report = directory.prepare(config, workdir)  # raises before writing anything
+    if report:
+        print(report, flush=True)
     exp = Experiment(config)
-    if jax.process_index() == 0:  # what generate/needle rebuild the model from
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=1))
+    os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     train_it = exp.iterator(config.seed, curriculum(config))
-    restored = ckpt.restore_latest(exp.abstract_state)
+    try:
+        restored = ckpt.restore_latest(exp.abstract_state)  # raises if none of them reads
+    except BaseException:
+        ckpt.close()
+        raise
+    directory.write_config(workdir, config)  # what generate/needle rebuild the model from
     if restored is None and config.get("init_from"):
-        state, step = rundir.state_from_run(config.init_from, exp.abstract_state, exp.tx), 0
+        state, step = state_from_run(config.init_from, exp.model, exp.tx, exp.abstract_state), 0
     elif restored is None:
         state = init_state(
             exp.model, exp.tx, exp.mesh, exp.model_cfg.rules, jax.random.key(config.seed)
@@ -244,8 +236,11 @@ def train_and_evaluate(config, workdir):
 
 
 def dry_run(config):
-    """Compile one train step for `config`'s shapes and print per-device memory from the
-    compiled program; allocates nothing."""
+    """Compile one train step for `config`'s shapes (the model of `config.init_from`'s run,
+    where given) and print per-device memory from the compiled program; allocates nothing."""
+    source = config.get("init_from")
+    if source:
+        config, _ = fields.start_from(config, directory.load_config(source), source)
     exp = Experiment(config)
     seq_len = curriculum(config)[-1][1]
     t0 = time.perf_counter()

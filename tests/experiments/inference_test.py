@@ -17,6 +17,7 @@ from absl import flags
 from configs import default
 from configs import streaming as streaming_config
 from ringattn.evals import needle
+from ringattn.nn.config import ModelConfig
 from ringattn.train import trainer
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
@@ -85,15 +86,16 @@ def test_needle_script(passkey_run, tmp_path):
 def test_streaming_config_parses():
     for variant in ("", "learned_sinks", "test"):
         c = streaming_config.get_config(variant)
-        assert c.task == "text" and trainer.model_config(c.model).attention.impl == "dense"
+        cfg = ModelConfig.from_config(c.model)
+        assert c.task == "text" and cfg.attention.impl == "dense"
         assert trainer.curriculum(c) == ((0, c.seq_len),)
-        assert c.task_params.bos and c.model.attention.sinks == (variant == "learned_sinks")
+        assert c.task_params.bos and cfg.attention.sinks == (variant == "learned_sinks")
     with pytest.raises(ValueError, match="unknown variant"):
         streaming_config.get_config("huge")
 
 
 def test_rope_scaling_factor():
-    model_cfg = trainer.model_config(default.get_config("test").model)
+    model_cfg = ModelConfig.from_config(default.get_config("test").model)
     scaled = needle.with_rope_scaling(model_cfg, "yarn", 512, 128)
     assert (scaled.rope.scaling, scaled.rope.factor, scaled.rope.original_len) == ("yarn", 4.0, 128)
     assert needle.with_rope_scaling(model_cfg, "none", 512, 128).rope.factor == 1.0

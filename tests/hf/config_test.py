@@ -134,3 +134,21 @@ def test_rope_matches_transformers(name):
         theirs = theirs.double().numpy()
     np.testing.assert_allclose(ours, theirs, rtol=2e-6)  # theirs are float32
     np.testing.assert_allclose(scale, their_scale, rtol=1e-12)
+
+
+def test_mistral_window_is_our_local_window_size_plus_one():
+    """HF's `sliding_window` counts the query itself; our local_window_size (jax's) does not."""
+    hf = llama(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4096)
+    f = hf_config.model_fields(hf)
+    assert f["attention"] == dict(local_window_size=4095, global_every=0)
+    cfg = ModelConfig.from_config(f)
+    assert cfg.layer_window(0) == 4095
+    out = hf_config.hf_config(cfg, "float32", template=hf)
+    assert out["sliding_window"] == 4096 and hf_config.model_fields(out) == f
+    # No window (HF's null): global layers, exported as null.
+    f = hf_config.model_fields({**hf, "sliding_window": None})
+    assert "attention" not in f
+    out = hf_config.hf_config(ModelConfig.from_config(f), "float32", template=hf)
+    assert out["model_type"] == "mistral" and out["sliding_window"] is None
+    with pytest.raises(ValueError, match="`sliding_window` must be None or >= 1"):
+        hf_config.model_fields({**hf, "sliding_window": 0})

@@ -14,12 +14,12 @@ from flax import linen as nn
 from safetensors.numpy import save_file
 
 from configs import default
-from ringattn.evals.restore import load_run
 from ringattn.hf import config as hf_config
 from ringattn.hf.convert import export_checkpoint, import_checkpoint
+from ringattn.nn.config import ModelConfig
 from ringattn.nn.model import Transformer
-from ringattn.train.checkpoint import Checkpointer
-from ringattn.train.trainer import model_config
+from ringattn.run.checkpoint import Checkpointer
+from ringattn.run.load import load_run
 
 T = 24  # tokens per row: past the scalings' original lengths and the window
 NEEDS = "needs torch and transformers (pip install -e '.[hf]')"
@@ -133,10 +133,12 @@ def test_our_tied_model_exports_to_transformers(tmp_path):
     transformers = pytest.importorskip("transformers", reason=NEEDS)
     pytest.importorskip("torch", reason=NEEDS)
     config = base_config()
-    cfg = model_config(config.model)
+    cfg = ModelConfig.from_config(config.model)
     assert cfg.tie_embeddings and cfg.scale_tied_logits
     tokens = tokens_for(cfg.vocab_size)
-    dense = Transformer(model_config({**config.model.to_dict(), "attention": {"impl": "dense"}}))
+    dense = Transformer(
+        ModelConfig.from_config({**config.model.to_dict(), "attention": {"impl": "dense"}})
+    )
     params = nn.unbox(dense.init(jax.random.key(0), tokens, tokens, tokens)["params"])
     write_run(tmp_path / "ours", config, params)
     hf = export_checkpoint(str(tmp_path / "ours"), str(tmp_path / "hf"))

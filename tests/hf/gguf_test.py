@@ -8,10 +8,10 @@ import pytest
 
 from configs import default
 from ringattn.evals.logits import Forward
-from ringattn.evals.restore import load_run
 from ringattn.hf import dequant
 from ringattn.hf.gguf_import import import_gguf, open_gguf, unpermute_rows
 from ringattn.hf.tokenizer import files_from_gguf
+from ringattn.run.load import load_run
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package (pip install -e '.[gguf]')")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402

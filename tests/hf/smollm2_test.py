@@ -19,11 +19,11 @@ import pytest
 
 from ringattn.evals import generate as gen
 from ringattn.evals.logits import Forward
-from ringattn.evals.restore import load_run
 from ringattn.hf import fetch
 from ringattn.hf.gguf_import import open_gguf
 from ringattn.hf.tokenizer import load_tokenizer
 from ringattn.nn.model import Transformer
+from ringattn.run.load import load_run
 
 FEW, T = 2, 480  # layers and tokens of the default tests (480: 16 zigzag chunks, 3 shards)
 if not (fetch.is_imported() and os.path.exists(fetch.gguf_path())):

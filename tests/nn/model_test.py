@@ -14,6 +14,7 @@ import ringattn
 from ringattn.mesh import make_mesh
 from ringattn.nn.config import AttentionConfig, ModelConfig
 from ringattn.nn.model import Transformer
+from ringattn.run.params import convert_layers
 
 B, T = 2, 32
 CFG = ModelConfig(
@@ -35,8 +36,8 @@ def inputs(seed=0):
 
 
 # Gemma 2 / gpt-oss / MLA-style: soft cap, learned sinks, a v head dim of its own, and local
-# (window 6) layers alternating with global ones.
-VARIANTS = dict(logits_soft_cap=4.0, sinks=True, sliding_window=6, global_every=2)
+# layers (5 keys to a query's left: 6 tokens seen) alternating with global ones.
+VARIANTS = dict(logits_soft_cap=4.0, sinks=True, local_window_size=5, global_every=2)
 
 
 def config(variants=False, **attention):
@@ -59,27 +60,11 @@ def params(variants=False):
 
 def _stacked(p, cfg):
     """The same parameters stacked along a leading layer axis (groups of `global_every`)."""
-    every = cfg.attention.global_every if cfg.attention.sliding_window else 0
-    layers = [p[f"layer_{i}"] for i in range(cfg.num_layers)]
-    p = {k: v for k, v in p.items() if not k.startswith("layer_")}
-    if every:
-        groups = [layers[i::every] for i in range(every)]
-        p["layers"] = {
-            f"block_{i}": jax.tree.map(lambda *xs: jnp.stack(xs), *g) for i, g in enumerate(groups)
-        }
-    else:
-        p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    return p
+    return convert_layers(p, dataclasses.replace(cfg, scan_layers=False), cfg)
 
 
 def _unstacked(grads, cfg):
-    grads = dict(grads)
-    stacked = grads.pop("layers")
-    every = cfg.attention.global_every if cfg.attention.sliding_window else 0
-    for i in range(cfg.num_layers):
-        tree = stacked[f"block_{i % every}"] if every else stacked
-        grads[f"layer_{i}"] = jax.tree.map(lambda x: x[i // every if every else i], tree)  # noqa: B023
-    return grads
+    return convert_layers(grads, cfg, dataclasses.replace(cfg, scan_layers=False))
 
 
 @functools.cache
@@ -170,10 +155,10 @@ def _sensitivity(cfg):
 
 def test_local_layers_see_only_their_window():
     """Layer windows follow the pattern (local, global, local, global), and a model of local
-    layers only (window 6, two of them: a reach of 10 tokens back) on the ring: d logits[t] /
+    layers only (5 keys back, two of them: a reach of 10 tokens back) on the ring: d logits[t] /
     d x[s] is nonzero exactly for t - 10 <= s <= t within t's document."""
-    assert [config(True).layer_window(i) for i in range(4)] == [6, None, 6, None]
-    sensitivity = _sensitivity(config(impl="ring", block_q=4, block_k=4, sliding_window=6))
+    assert [config(True).layer_window(i) for i in range(4)] == [5, None, 5, None]
+    sensitivity = _sensitivity(config(impl="ring", block_q=4, block_k=4, local_window_size=5))
     seg = inputs()[2]
     for t in (9, 25, T - 1):
         s = np.asarray(sensitivity(t))

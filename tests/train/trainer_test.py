@@ -1,5 +1,5 @@
 """The trainer: config variants, a few steps of the default config, exact resume after SIGTERM,
-falling back from an unreadable checkpoint."""
+falling back from an unreadable checkpoint (and stopping when none reads)."""
 
 import json
 import os
@@ -14,8 +14,9 @@ import pytest
 
 from configs import default
 from ringattn.mesh import mesh_shape
+from ringattn.nn.config import ModelConfig
+from ringattn.run.checkpoint import Checkpointer, UnreadableRun
 from ringattn.train import trainer
-from ringattn.train.checkpoint import Checkpointer
 
 
 def read_metrics(workdir):
@@ -28,7 +29,7 @@ def read_metrics(workdir):
 )
 def test_config_variants_parse(variant):
     c = default.get_config(variant)
-    cfg = trainer.model_config(c.model)
+    cfg = ModelConfig.from_config(c.model)
     assert cfg.num_heads % cfg.num_kv_heads == 0
     schedule = trainer.curriculum(c)
     assert schedule[0][0] == 0
@@ -112,4 +113,10 @@ def test_unreadable_latest_checkpoint_falls_back(tmp_path, capsys):
     assert step == 1 and data == {"index": 1}
     np.testing.assert_array_equal(state["w"], np.ones(4))
     assert "checkpoint 2 is unreadable" in capsys.readouterr().out
+    # None reads: an error naming them, never "no checkpoint" (a restart at step 0).
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "1" / "state"):
+        for name in files:
+            os.remove(os.path.join(root, name))
+    with pytest.raises(UnreadableRun, match=r"\[2, 1\].*newest, 2"):
+        ckpt.restore_latest(abstract)
     ckpt.close()
