@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ringattn.attention.kernels.dispatch import KERNELS
 from ringattn import deprecation
+from ringattn.attention.kernels.dispatch import KERNELS
 from ringattn.mesh import DEFAULT_RULES
 from ringattn.nn.rope import RopeConfig
 
