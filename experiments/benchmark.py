@@ -12,7 +12,7 @@ Memory at long context, compile only (no inputs are allocated):
 Implementations: dense (jax.nn.dot_product_attention, 1 device), blockwise
 (ringattn.blockwise_attention, 1 device), ring (ringattn.context_parallel_attention over a 1-D
 "context" mesh of all devices), original (the `ringattention` package, Liu et al., when installed).
-The FLOP convention is in bench_lib's docstring.
+The FLOP convention is in ringattn/bench/flops.py's docstring.
 
 The attention variants' cost (soft cap and sinks over the plain ring, one run, side by side):
 
@@ -22,8 +22,7 @@ The attention variants' cost (soft cap and sinks over the plain ring, one run, s
 
 from absl import app, flags, logging
 
-import bench_lib
-import bench_run
+from ringattn.bench import attention, attention_run
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096"], "Sequence lengths T (= S).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size B.")
@@ -41,12 +40,12 @@ _WINDOW = flags.DEFINE_integer("window", 1024, "Left reach of --mask=window.")
 _IMPLS = flags.DEFINE_list(
     "impls",
     ["dense", "blockwise", "ring", "original"],
-    f"Implementations: {bench_lib.IMPLS} or context-parallel STRATEGY[/LAYOUT], with STRATEGY "
-    f"in {bench_lib.STRATEGIES} (e.g. ring/zigzag, ulysses, hybrid/striped); ours (blockwise and "
+    f"Implementations: {attention.IMPLS} or context-parallel STRATEGY[/LAYOUT], with STRATEGY "
+    f"in {attention.STRATEGIES} (e.g. ring/zigzag, ulysses, hybrid/striped); ours (blockwise and "
     f"the strategies) with attention variants as +VARIANT suffixes, VARIANT in "
-    f"{bench_lib.VARIANTS} (ring/zigzag+cap+sinks: soft cap {bench_lib.SOFT_CAP:g} and sinks).",
+    f"{attention.VARIANTS} (ring/zigzag+cap+sinks: soft cap {attention.SOFT_CAP:g} and sinks).",
 )
-_MODE = flags.DEFINE_list("mode", list(bench_lib.MODES), "fwd and/or fwdbwd.")
+_MODE = flags.DEFINE_list("mode", list(attention.MODES), "fwd and/or fwdbwd.")
 _BLOCK_Q = flags.DEFINE_integer("block_q", 512, "Query block (capped at the local length).")
 _BLOCK_K = flags.DEFINE_integer("block_k", 512, "Key block (capped at the local length).")
 _NUM_DEVICES = flags.DEFINE_list(
@@ -76,8 +75,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Silence JAX's backend-probing INFO lines.
     # Before anything touches a JAX backend.
     counts = tuple(int(n) for n in _NUM_DEVICES.value)
-    bench_lib.set_num_cpu_devices(max(counts))
-    config = bench_lib.BenchConfig(
+    attention.set_num_cpu_devices(max(counts))
+    config = attention.BenchConfig(
         seq_lens=tuple(int(t) for t in _SEQ_LENS.value),
         batch=_BATCH.value,
         num_heads=_NUM_HEADS.value,
@@ -102,7 +101,7 @@ def main(argv):
         original_max_seq_len=_ORIGINAL_MAX_SEQ_LEN.value,
         out=_OUT.value,
     )
-    rows = bench_run.run(config)
+    rows = attention_run.run(config)
     if any("error" in row for row in rows):
         raise SystemExit(1)
 

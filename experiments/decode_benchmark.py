@@ -8,7 +8,7 @@ what an int8 cache saves and costs.
   python experiments/decode_benchmark.py --prefill_only --num_cpu_devices=256 \
       --prefill_dry_run_cache=1048576 --prefill_dry_run_devices=8,32,128,256
 
-Chunked prefill (--prefill_chunks / --prefill_caches, ringattn/evals/prefill_bench.py): one
+Chunked prefill (--prefill_chunks / --prefill_caches, ringattn/bench/prefill.py): one
 attention layer, a chunk against a cache already holding tokens on --prefill_devices devices,
 pass_kv / pass_q / decode side by side (chunk tokens/s, compiled temporaries per device), the
 measured winner and the cost model's choice with constants measured on this machine. The dry
@@ -28,19 +28,13 @@ not depend on the weights). Cache dtypes: the bytes of the caches, and the error
 teacher-forced decode logits against a float32 cache.
 """
 
-import dataclasses
 import json
-import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"),
-    "The model to measure at random parameters when there is no --workdir.",
-    lock_config=True,
-)
+from ringattn import cli
+
+_CONFIG = cli.config("The model to measure at random parameters when there is no --workdir.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (default: random parameters).")
 _CACHE_LENS = flags.DEFINE_list("cache_lens", ["4096", "32768"], "Cache lengths (tokens).")
 _NUM_DEVICES = flags.DEFINE_list("num_devices", ["1", "8"], "Device counts.")
@@ -72,99 +66,51 @@ _P_CHECK_CHUNK = flags.DEFINE_integer("prefill_check_chunk", 1024, "Chunk of the
 _P_CHECK_STRATEGIES = flags.DEFINE_list(
     "prefill_check_strategies", ["pass_kv", "pass_q"], "Strategies of the chunked prefill."
 )
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
+    cli.start(_CPU_DEVICES)  # before anything starts JAX's backend
+    from ringattn.bench import decode, prefill
 
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
-    from ringattn.evals import bench
-
-    prefill = chunked_prefill()
+    if _P_CHECK_TEXT.value and not _WORKDIR.value:
+        raise app.UsageError("--prefill_check_text needs --workdir (a run with a tokenizer).")
+    results = prefill.sweep(
+        _P_DEVICES.value,
+        [int(x) for x in _P_CACHES.value],
+        [int(x) for x in _P_CHUNKS.value],
+        _P_CALIBRATION.value,
+        _P_DRY_CACHE.value,
+        [int(x) for x in _P_DRY_DEVICES.value],
+        _P_DRY_CHUNK.value,
+    )
     if _P_CHECK_TEXT.value:
-        prefill["prefill_check"] = prefill_check()
-    if _PREFILL_ONLY.value:
-        if _OUT.value:
-            with open(_OUT.value, "w") as f:
-                json.dump(prefill, f, indent=1)
-        return
-    model_cfg, params = bench.model_and_params(_WORKDIR.value, _CONFIG.value)
-    rows = []
-    for cache_len in map(int, _CACHE_LENS.value):
-        for n in map(int, _NUM_DEVICES.value):
-            rows.append(
-                bench.decode_throughput(
-                    model_cfg, params, n, cache_len, _BATCH.value, _STEPS.value, _REPEATS.value
+        results["prefill_check"] = prefill.check_run(
+            _WORKDIR.value, _P_CHECK_TEXT.value, _P_CHECK_TOKENS.value, _P_CHECK_CHUNK.value,
+            _P_CHECK_STRATEGIES.value,
+        )  # fmt: skip
+    if not _PREFILL_ONLY.value:
+        model_cfg, params = decode.model_and_params(_WORKDIR.value, _CONFIG.value)
+        rows = []
+        for cache_len in map(int, _CACHE_LENS.value):
+            for n in map(int, _NUM_DEVICES.value):
+                rows.append(
+                    decode.decode_throughput(
+                        model_cfg, params, n, cache_len, _BATCH.value, _STEPS.value, _REPEATS.value
+                    )
                 )
-            )
-            print(json.dumps(rows[-1]), flush=True)
-    dtypes = []
-    if _DTYPE_LEN.value:
-        dtypes = bench.cache_dtype_errors(model_cfg, params, cache_len=_DTYPE_LEN.value)
-    for r in dtypes:
-        print(json.dumps(r), flush=True)
-    print(bench.markdown(rows, dtypes))
+                print(json.dumps(rows[-1]), flush=True)
+        dtypes = []
+        if _DTYPE_LEN.value:
+            dtypes = decode.cache_dtype_errors(model_cfg, params, cache_len=_DTYPE_LEN.value)
+        for r in dtypes:
+            print(json.dumps(r), flush=True)
+        print(decode.markdown(rows, dtypes))
+        results = {"throughput": rows, "cache_dtypes": dtypes, **results}
     if _OUT.value:
         with open(_OUT.value, "w") as f:
-            json.dump({"throughput": rows, "cache_dtypes": dtypes, **prefill}, f, indent=1)
-
-
-def prefill_check():
-    """--workdir's model: the next-token distribution after the first --prefill_check_tokens
-    tokens of --prefill_check_text, prefilled whole and in chunks, on all devices."""
-    from ringattn.evals import prefill_bench
-    from ringattn.evals.generate import decoding_params
-    from ringattn.hf.tokenizer import load_tokenizer
-    from ringattn.run.load import load_run
-
-    if not _WORKDIR.value:
-        raise app.UsageError("--prefill_check_text needs --workdir (a run with a tokenizer).")
-    workdir = os.path.expanduser(_WORKDIR.value)
-    run = load_run(workdir)
-    with open(os.path.expanduser(_P_CHECK_TEXT.value), encoding="utf-8") as f:
-        tokens = load_tokenizer(workdir).encode(f.read())[: _P_CHECK_TOKENS.value]
-    params = decoding_params(run.model_cfg, run.params)
-    rows = []
-    for strategy in _P_CHECK_STRATEGIES.value:
-        rows.append(
-            prefill_bench.chunked_vs_whole(
-                run.model_cfg, params, run.mesh, tokens, _P_CHECK_CHUNK.value, strategy
-            )
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def chunked_prefill():
-    """The chunked-prefill rows and dry run the flags ask for (printed as they come)."""
-    from ringattn.evals import prefill_bench
-
-    rows, dry, hardware = [], [], None
-    if _P_CHUNKS.value and _P_CACHES.value:
-        if _P_CALIBRATION.value:
-            hardware = prefill_bench.calibrate(_P_DEVICES.value, length=_P_CALIBRATION.value)
-            print(f"calibrated: {hardware}", flush=True)
-        for cached in map(int, _P_CACHES.value):
-            for length in map(int, _P_CHUNKS.value):
-                row = prefill_bench.measure(
-                    prefill_bench.Shape(), _P_DEVICES.value, cached, length, hardware=hardware
-                )
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    if _P_DRY_CACHE.value:
-        shape = prefill_bench.Shape(heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
-        devices = list(map(int, _P_DRY_DEVICES.value))
-        dry = prefill_bench.dry_run(_P_DRY_CACHE.value, devices, _P_DRY_CHUNK.value, shape)
-        for r in dry:
-            print(json.dumps(r), flush=True)
-    if rows or dry:
-        print(prefill_bench.markdown(rows, dry))
-    out = dict(prefill=rows, prefill_dry_run=dry)
-    if hardware is not None:
-        out["prefill_hardware"] = dataclasses.asdict(hardware)
-    return out
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

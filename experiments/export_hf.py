@@ -12,22 +12,20 @@ import os
 
 from absl import app, flags
 
+from ringattn import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory (trained or imported).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face checkpoint directory to write.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Weights' dtype (default: the parameters').")
 _MAX_FILE_GB = flags.DEFINE_float("max_file_gb", 5.0, "Split the safetensors above this size.")
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
+    cli.start(_CPU_DEVICES, _WORKDIR, _OUT)  # before anything starts JAX's backend
     from ringattn.hf.convert import export_checkpoint
 
-    if not (_WORKDIR.value and _OUT.value):
-        raise app.UsageError("--workdir and --out are required.")
     out = os.path.expanduser(_OUT.value)
     hf = export_checkpoint(
         os.path.expanduser(_WORKDIR.value),

@@ -13,23 +13,17 @@ again, it does nothing: what is there is kept. --dir defaults to $RINGATTN_SMOLL
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from ringattn import cli
 
 _DIR = flags.DEFINE_string("dir", None, "Where to put the model (default: see above).")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"),
-    "The training config the run gets (mesh, attention); its model is replaced.",
-    lock_config=True,
-)
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CONFIG = cli.config("The training config the run gets (mesh, attention); its model is replaced.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
+    cli.start(_CPU_DEVICES)  # before anything starts JAX's backend
     from ringattn.hf import fetch
 
     directory = os.path.expanduser(_DIR.value) if _DIR.value else None

@@ -18,12 +18,11 @@ sequence token. Prints the continuation and the prefill time and decode tokens p
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from ringattn import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run: config.json and checkpoints/.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The run's config, for runs without <workdir>/config.json.", lock_config=True
-)
+_CONFIG = cli.run_config()
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt as a user message in the chat template.")
@@ -41,29 +40,21 @@ _PREFILL_CHUNK = flags.DEFINE_integer(
 _NUM_DEVICES = flags.DEFINE_integer(
     "num_devices", None, "Devices to use (default all; simulated when on CPU)."
 )
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
+    cli.start(_CPU_DEVICES, _WORKDIR)  # before anything starts JAX's backend
     from ringattn.evals import generate as gen
-    from ringattn.hf.tokenizer import load_tokenizer
-    from ringattn.run.load import load_run
 
     if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):
         raise app.UsageError("Give exactly one of --prompt and --prompt_file.")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required.")
     text = _PROMPT.value
     if _PROMPT_FILE.value:
         with open(os.path.expanduser(_PROMPT_FILE.value), encoding="utf-8") as f:
             text = f.read()
-    workdir = os.path.expanduser(_WORKDIR.value)
-    run = load_run(workdir, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
-    tok = load_tokenizer(workdir)
+    run, tok = cli.open_run(_WORKDIR.value, _CONFIG.value, _NUM_DEVICES.value)
     if _CHAT.value:
         text = tok.apply_chat_template([{"role": "user", "content": text}])
     prompt = tok.encode(text, add_special_tokens=not _CHAT.value)

@@ -14,28 +14,24 @@ tensor by tensor into shards over all devices (no device and no host holds the w
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from ringattn import cli
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory.")
 _GGUF = flags.DEFINE_string("gguf", None, "Or a llama.cpp GGUF file (experiments/import_gguf.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to write.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"),
-    "The training config the run gets (mesh, task, attention); its model is replaced.",
-    lock_config=True,
+_CONFIG = cli.config(
+    "The training config the run gets (mesh, task, attention); its model is replaced."
 )
 _PARAM_DTYPE = flags.DEFINE_string(
     "param_dtype", None, "Cast the weights (default: keep; float32 from a GGUF file)."
 )
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
+    cli.start(_CPU_DEVICES)  # before anything starts JAX's backend
     from ringattn.hf.convert import describe, import_checkpoint
     from ringattn.hf.gguf_import import import_gguf
 

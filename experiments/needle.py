@@ -22,12 +22,11 @@ import os
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from ringattn import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained passkey run.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The run's config, for runs without <workdir>/config.json.", lock_config=True
-)
+_CONFIG = cli.run_config()
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths (default: 1x, 2x, 4x training).")
 _DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths.")
@@ -41,25 +40,18 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices (default: all).")
 _INT8 = flags.DEFINE_bool("int8", False, "Decode with int8 KV caches.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt seed (evaluation prompts, not training ones).")
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
+    cli.start(_CPU_DEVICES, _WORKDIR, _OUT)  # before anything starts JAX's backend
     from ringattn.evals import needle
-    from ringattn.hf.tokenizer import HFTokenizer, load_tokenizer
-    from ringattn.run.load import load_run
+    from ringattn.hf.tokenizer import HFTokenizer
     from ringattn.train.trainer import curriculum
 
-    if not (_WORKDIR.value and _OUT.value):
-        raise app.UsageError("--workdir and --out are required.")
     t0 = time.perf_counter()
-    workdir = os.path.expanduser(_WORKDIR.value)
-    run = load_run(workdir, config=_CONFIG.value, num_devices=_NUM_DEVICES.value)
-    tokenizer = load_tokenizer(workdir)
+    run, tokenizer = cli.open_run(_WORKDIR.value, _CONFIG.value, _NUM_DEVICES.value)
     tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else None
     train_len = curriculum(run.config)[-1][1]
     lengths = [int(x) for x in _LENGTHS.value or [train_len, 2 * train_len, 4 * train_len]]

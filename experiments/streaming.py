@@ -32,13 +32,12 @@ import time
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from ringattn import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained text LM run.")
 _SINKS_RUN = flags.DEFINE_string("sinks_run", None, "A run trained with attention.sinks.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The run's config, for runs without <workdir>/config.json.", lock_config=True
-)
+_CONFIG = cli.run_config()
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _CACHE_LEN = flags.DEFINE_integer("cache_len", None, "KV cache tokens (default: training length).")
 _NUM_SINKS = flags.DEFINE_integer("num_sinks", 4, "Sink tokens kept from the stream's start.")
@@ -49,29 +48,23 @@ _TEXT_FILES = flags.DEFINE_list(
     "text_files", None, "Stream these files (one stream each) through the run's tokenizer."
 )
 _STRIDE = flags.DEFINE_integer("recompute_stride", 1, "Recompute the window every k positions.")
-_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 8, "Simulated devices on CPU.")
+_CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
-    from ringattn.mesh import start_entrypoint
-
-    start_entrypoint(_CPU_DEVICES.value)  # before anything starts JAX's backend
+    cli.start(_CPU_DEVICES, _WORKDIR, _OUT)  # before anything starts JAX's backend
     from ringattn.evals import streaming
-    from ringattn.hf.tokenizer import load_tokenizer
     from ringattn.run.load import load_run
     from ringattn.train.trainer import curriculum
 
-    if not (_WORKDIR.value and _OUT.value):
-        raise app.UsageError("--workdir and --out are required.")
     t0 = time.perf_counter()
-    workdir = os.path.expanduser(_WORKDIR.value)
-    run = load_run(workdir, config=_CONFIG.value, num_devices=1)
+    run, tokenizer = cli.open_run(_WORKDIR.value, _CONFIG.value, num_devices=1)
     cache_len = _CACHE_LEN.value or curriculum(run.config)[-1][1]
     length = _MULTIPLE.value * cache_len
     if _TEXT_FILES.value:
         files = [os.path.expanduser(f) for f in _TEXT_FILES.value]
-        streams = streaming.text_streams(load_tokenizer(workdir), files, length)
+        streams = streaming.text_streams(tokenizer, files, length)
     else:
         streams = streaming.eval_streams(run.config.task_params, length, _STREAMS.value)
     print(f"checkpoint {run.step}; {len(streams)} streams of {length} tokens, cache {cache_len}")

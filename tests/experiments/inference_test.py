@@ -2,17 +2,13 @@
 the config and a checkpoint): generate, needle, streaming, decode_benchmark, each script's main
 run in this process; and what their results must satisfy whatever the weights."""
 
-import contextlib
 import dataclasses
-import importlib.util
-import io
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from configs import default
 from configs import streaming as streaming_config
@@ -35,27 +31,7 @@ def passkey_run(tmp_path_factory):
     return untrained_run(c, tmp_path_factory.mktemp("passkey"))
 
 
-def run_script(name, *args):
-    """experiments/<name>.py's main with these flags, in this process; returns its stdout.
-    Its flags are removed afterwards, so scripts defining the same flag names can follow."""
-    before = set(flags.FLAGS)
-    spec = importlib.util.spec_from_file_location(
-        f"exp_{name}", os.path.join(EXPERIMENTS, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        flags.FLAGS([name, *args])
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            module.main([])
-        return out.getvalue()
-    finally:
-        for flag in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, flag)
-
-
-def test_generate_script(passkey_run):
+def test_generate_script(passkey_run, run_script):
     out = run_script(
         "generate", f"--workdir={passkey_run}", "--prompt=The pass key is", "--max_new_tokens=3"
     )
@@ -65,7 +41,7 @@ def test_generate_script(passkey_run):
 
 
 @pytest.mark.slow
-def test_needle_script(passkey_run, tmp_path):
+def test_needle_script(passkey_run, tmp_path, run_script):
     run_script(
         "needle",
         f"--workdir={passkey_run}",
@@ -117,7 +93,7 @@ def learned_sinks_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_streaming_script(passkey_run, learned_sinks_run, tmp_path):
+def test_streaming_script(passkey_run, learned_sinks_run, tmp_path, run_script):
     """One layer: the window-only cache is exactly the sliding window recomputed (cached K/V of
     one layer do not depend on the context), learned sinks included; sinks change the result."""
     run_script(
@@ -159,7 +135,7 @@ def test_streaming_script(passkey_run, learned_sinks_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_benchmark_script(tmp_path):
+def test_decode_benchmark_script(tmp_path, run_script):
     out_path = tmp_path / "decode.json"
     run_script(
         "decode_benchmark",
@@ -186,7 +162,7 @@ def test_decode_benchmark_script(tmp_path):
     assert jax.device_count() == 8
 
 
-def test_decode_benchmark_chunked_prefill(tmp_path):
+def test_decode_benchmark_chunked_prefill(tmp_path, run_script):
     """--prefill_only: a row per (cache, chunk) with all three strategies timed, the winner and
     the model's choice; the dry run's cache per device is the cache's bytes over the devices."""
     out_path = tmp_path / "prefill.json"

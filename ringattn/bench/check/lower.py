@@ -1,4 +1,4 @@
-"""The lowering stage of experiments/gpu_check.py (--lower): every fused kernel path traced and
+"""The lowering stage of gpu_check (--lower): every fused kernel path traced and
 lowered for CUDA and for TPU, on any machine (ringattn.target_platform: no device of the target,
 nothing run). One line per lowered program with its custom calls; a program that fails to lower,
 or lowers without the kernels expected there (fell back to XLA), is a failure.
@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from gpu_check_lib import attempt
 
 import ringattn
 from ringattn.attention.kernels import cudnn, probe, splash
@@ -26,6 +25,7 @@ from ringattn.attention.kernels.cudnn import Cudnn
 from ringattn.attention.kernels.pallas_gpu import PallasGpu
 from ringattn.attention.kernels.splash import PallasTpu
 from ringattn.attention.target import custom_calls
+from ringattn.bench.check.report import attempt
 
 DEVICES = 8  # the whole programs' mesh, of CPU devices
 MASKS = probe.MASK_KINDS

@@ -1,10 +1,6 @@
-"""Attention benchmark: the configuration, FLOP counting and the implementations (bench_run.py
-measures them: timing and compiled memory per device).
-
-FLOP convention (FlashAttention-2 paper): only visible (query, key) pairs count, whatever an
-implementation actually computes. Per visible pair and head: forward 4*D (QK^T and PV), backward
-10*D (recomputed QK^T, dV, dP, dQ, dK), so fwd+bwd = 14*D = 3.5x forward. `dense` computes the
-masked pairs too, so under a causal mask it can reach at most ~half its "raw" throughput.
+"""The attention benchmark (experiments/benchmark.py): its configuration and the implementations
+measured, each as f(q, k, v) on global arrays (attention_run.py measures them: time and compiled
+memory per device; flops.py counts their work: visible pairs only).
 
 Memory is what XLA reports for one device's compiled program (`memory_analysis()`): temp is the
 scratch the program needs beyond its arguments and outputs; this is what grows as T^2 for dense
@@ -20,9 +16,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import ringattn
+from ringattn.bench.flops import MASKS
 
 IMPLS = ("dense", "dense_cudnn", "blockwise", "original")  # + context-parallel: STRATEGY[/LAYOUT]
 # Attention variants an impl of ours takes as "+VARIANT" suffixes (ring/zigzag+cap+sinks): a
@@ -31,9 +27,7 @@ VARIANTS = ("cap", "sinks")
 SOFT_CAP = 50.0
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
 MODES = ("fwd", "fwdbwd")
-MASKS = ("causal", "none", "window")
 SINGLE_DEVICE_IMPLS = ("dense", "dense_cudnn", "blockwise")
-FLOPS_PER_PAIR_PER_DIM = {"fwd": 4, "fwdbwd": 14}
 AXIS = "context"
 MiB = 2**20
 
@@ -113,32 +107,15 @@ def _variant_kwargs(impl: str, cfg: BenchConfig) -> dict:
 
 
 def set_num_cpu_devices(n: int) -> None:
-    """Simulates n CPU devices. Must run before JAX initialises a backend; only the CPU backend
-    is affected, so it is harmless where an accelerator is the default backend."""
+    """Simulates n CPU devices. Must run before JAX initialises a backend (once it has, in a
+    notebook or a test, the devices it has are used); only the CPU backend is affected, so it is
+    harmless where an accelerator is the default backend."""
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return  # The user chose the count through XLA_FLAGS.
-    jax.config.update("jax_num_cpu_devices", n)
-
-
-# ---------------------------------------------------------------------------------- counting
-
-
-def mask_bounds(cfg: BenchConfig) -> tuple[int | None, int | None]:
-    """(left, right) reach of a query, None = unbounded."""
-    return {"causal": (None, 0), "none": (None, None), "window": (cfg.window, 0)}[cfg.mask]
-
-
-def visible_pairs(seq_len: int, left: int | None, right: int | None) -> int:
-    """Exact number of (i, j) with max(0, i - left) <= j <= min(T - 1, i + right)."""
-    i = np.arange(seq_len, dtype=np.int64)
-    lo = np.zeros_like(i) if left is None else np.maximum(0, i - left)
-    hi = np.full_like(i, seq_len - 1) if right is None else np.minimum(seq_len - 1, i + right)
-    return int(np.maximum(hi - lo + 1, 0).sum())
-
-
-def attention_flops(cfg: BenchConfig, seq_len: int, mode: str) -> int:
-    pairs = visible_pairs(seq_len, *mask_bounds(cfg))
-    return pairs * cfg.batch * cfg.num_heads * cfg.head_dim * FLOPS_PER_PAIR_PER_DIM[mode]
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backend has started: run() uses the devices there are
+        pass
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -213,6 +190,7 @@ def make_attention(impl: str, cfg: BenchConfig, mesh: jax.sharding.Mesh, seq_len
             axis_name=axis_name,
             strategy=strategy,
             layout=layout or "contiguous",
+            input_layout=layout or "contiguous",  # the benchmark's data: laid out already
             block_q=bq,
             block_k=bk,
             **mask,

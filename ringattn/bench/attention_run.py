@@ -1,8 +1,6 @@
-"""Measuring for experiments/benchmark.py: inputs, compiling once, timing in turns, the rows.
-
-Implementations are compiled first and then timed in turns, round after round, so that load from
-other processes falls on all of them alike; the configuration, the FLOP convention and the
-implementations themselves are bench_lib's.
+"""Measuring for experiments/benchmark.py: inputs, compiling once, timing in turns (timing.py), the
+rows, printed as they come (attention_report.py); the configuration and the implementations are
+attention.py's.
 """
 
 from __future__ import annotations
@@ -11,20 +9,16 @@ import dataclasses
 import functools
 import itertools
 import json
-import statistics
-import time
-from collections.abc import Callable, Sequence
 
-import bench_report
 import jax
 import jax.numpy as jnp
 
-from bench_lib import (
+from ringattn.bench import attention_report, flops, timing
+from ringattn.bench.attention import (
     AXIS,
     SINGLE_DEVICE_IMPLS,
     BenchConfig,
     Unsupported,
-    attention_flops,
     base_impl,
     context_mesh,
     make_attention,
@@ -50,40 +44,11 @@ def make_inputs(cfg: BenchConfig, seq_len: int, seed: int = 0) -> dict[str, jax.
     }
 
 
-def compile_once(fn: Callable, args: Sequence) -> tuple[Callable, dict]:
-    """Compiles fn for args; returns the executable and its compile time and memory."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    result = {"compile_s": time.perf_counter() - t0}
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        result.update(
-            temp_bytes=int(mem.temp_size_in_bytes),
-            arg_bytes=int(mem.argument_size_in_bytes),
-            out_bytes=int(mem.output_size_in_bytes),
-        )
-    return compiled, result
-
-
-def time_interleaved(calls: Sequence[Callable], cfg: BenchConfig) -> list[float]:
-    """Median seconds per call. Calls take turns, round after round, so that load from other
-    processes on a shared machine falls on all of them alike and their ratios stay meaningful."""
-    for call in calls:
-        for _ in range(cfg.warmup):
-            jax.block_until_ready(call())
-    times = [[] for _ in calls]
-    for _ in range(cfg.iters):
-        for call, ts in zip(calls, times, strict=True):
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
-
-
-def compile_and_time(fn: Callable, args: Sequence, cfg: BenchConfig) -> dict:
-    compiled, result = compile_once(fn, args)
+def compile_and_time(fn, args, cfg: BenchConfig) -> dict:
+    compiled, result = timing.compile_once(fn, args)
     if not cfg.dry_run:
-        (result["time_s"],) = time_interleaved([lambda: compiled(*args)], cfg)
+        times = timing.interleaved({"fn": lambda: compiled(*args)}, cfg.iters, warmup=cfg.warmup)
+        result["time_s"] = times["fn"]
     return result
 
 
@@ -107,7 +72,7 @@ def run(cfg: BenchConfig) -> list[dict]:
     if len(counts) < len(cfg.device_counts):
         print(f"note: only {len(available)} {available[0].platform} device(s); using {counts}")
     counts = counts or [len(available)]
-    print(bench_report.header(cfg, available[: max(counts)]))
+    print(attention_report.header(cfg, available[: max(counts)]))
     matmul = None
     if cfg.matmul_size and not cfg.dry_run:
         matmul = matmul_gflops(cfg, available[0])
@@ -117,17 +82,17 @@ def run(cfg: BenchConfig) -> list[dict]:
         )
     rows = []
     for n in counts:
-        print("\n" + bench_report.column_titles())
+        print("\n" + attention_report.column_titles())
         # Single-device impls do not depend on n: they run with the first device count only.
         impls = [i for i in cfg.impls if n == counts[0] or base_impl(i) not in SINGLE_DEVICE_IMPLS]
         for seq_len in cfg.seq_lens:
             new = _run_one(cfg, impls, available[:n], seq_len)
             for row in new:
                 _derive(row, cfg, matmul)
-                print(bench_report.format_row(row), flush=True)
+                print(attention_report.format_row(row), flush=True)
             rows += new
             print()
-    print(bench_report.ratios(rows))
+    print(attention_report.ratios(rows))
     if cfg.out:
         with open(cfg.out, "a") as f:
             if matmul is not None:
@@ -136,9 +101,9 @@ def run(cfg: BenchConfig) -> list[dict]:
                 f.write(json.dumps({"kind": "attention", **row}) + "\n")
     if cfg.markdown:
         with open(cfg.markdown, "w") as f:
-            f.write(bench_report.markdown(rows, cfg))
+            f.write(attention_report.markdown(rows, cfg))
     if cfg.plot_dir:
-        for path in bench_report.plots(rows, cfg.plot_dir):
+        for path in attention_report.plots(rows, cfg.plot_dir):
             print(f"wrote {path}")
     return rows
 
@@ -172,7 +137,7 @@ def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
                 fn = with_mode(make_attention(impl, cfg, mesh, seq_len), mode)
                 names = ("q", "k", "v") if mode == "fwd" else ("q", "k", "v", "dout")
                 args = [placed[x] for x in names]
-                compiled, info = compile_once(fn, args)
+                compiled, info = timing.compile_once(fn, args)
                 row.update(info)
                 if not cfg.dry_run:
                     pending.append((row, compiled, args))
@@ -182,9 +147,10 @@ def _run_one(cfg: BenchConfig, impls, devices, seq_len: int) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             rows.append(row)
     if pending:
-        calls = [functools.partial(c, *a) for _, c, a in pending]
-        for (row, _, _), t in zip(pending, time_interleaved(calls, cfg), strict=True):
-            row["time_s"] = t
+        calls = {i: functools.partial(c, *a) for i, (_, c, a) in enumerate(pending)}
+        times = timing.interleaved(calls, cfg.iters, warmup=cfg.warmup)
+        for i, (row, _, _) in enumerate(pending):
+            row["time_s"] = times[i]
     return rows
 
 
@@ -208,7 +174,14 @@ def _row(cfg: BenchConfig, impl: str, mode: str, seq_len: int, devices: int) -> 
         "seq_len": seq_len,
         "devices": devices,
         "q_shard_bytes": q_shard,
-        "flops": attention_flops(cfg, seq_len, mode),
+        "flops": flops.attention_flops(
+            cfg.batch,
+            cfg.num_heads,
+            cfg.head_dim,
+            seq_len,
+            mode,
+            flops.mask_reach(cfg.mask, cfg.window),
+        ),
         "jax_version": jax.__version__,
         "platform": jax.devices()[0].platform,
         **config,
