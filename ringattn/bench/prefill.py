@@ -51,8 +51,9 @@ def filled_cache(shape: Shape, mesh, cached, slots, seed=0):
     n = mesh.shape["context"]
     dtype = jnp.dtype(shape.dtype)
     cache = cache_lib.init_cache(
-        "full", 1, slots, shape.kv_heads, shape.head_dim, dtype, cache_layout="striped", num_shards=n
-    )
+        "full", 1, slots, shape.kv_heads, shape.head_dim, dtype, cache_layout="striped",
+        num_shards=n,
+    )  # fmt: skip
     pos = np.arange(cached, dtype=np.int32)
     slot = np.asarray(cache_lib.slots(cache, pos[None]))[0]
     rng = np.random.default_rng(seed)

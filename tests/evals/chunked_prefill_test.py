@@ -132,7 +132,7 @@ def test_generate_prefill_chunk_gives_the_whole_prompt_tokens():
 def test_chunked_vs_whole_reports_the_same_distribution():
     """prefill_bench.chunked_vs_whole (what the real-model check runs) on the tiny model: the
     chunked prefill's next-token distribution is the whole prompt's."""
-    from ringattn.evals import prefill_bench
+    from ringattn.bench import prefill as prefill_bench
 
     attn = AttentionConfig(impl="ring", layout="striped", block_q=4, block_k=4)
     cfg = dataclasses.replace(CFG, attention=attn)
