@@ -1,5 +1,8 @@
 """Test setup: 8 simulated CPU devices, float64 enabled, and the helpers every test shares.
 
+RINGATTN_X64=0 runs the suite as users run JAX, with float64 off: then only the tests marked
+`x64_off` run (they compute their references in NumPy float64), the others are skipped.
+
 The device count and x64 must be set before JAX initialises its backend, so this runs at import,
 before any test module touches JAX. Compilation dominates the test time on CPU, so the jitted
 helpers below are cached per static configuration and take every mask array as an argument: a new
@@ -28,7 +31,8 @@ try:
     jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 except AttributeError:  # an older JAX without the option: the XLA flag does the same.
     _flags.append(f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-jax.config.update("jax_enable_x64", True)
+X64 = os.environ.get("RINGATTN_X64", "1") != "0"
+jax.config.update("jax_enable_x64", X64)
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 try:
     jax.devices()  # starts the backend with the flags above
@@ -266,6 +270,8 @@ def _has_device(platform):
 
 
 def pytest_runtest_setup(item):
+    if not X64 and not item.get_closest_marker("x64_off"):
+        pytest.skip("RINGATTN_X64=0: only the tests marked x64_off run with float64 off")
     for marker in DEVICE_MARKERS:
         if item.get_closest_marker(marker) and not _has_device(marker):
             pytest.skip(f"marked {marker}: JAX has no {marker.upper()} device here")

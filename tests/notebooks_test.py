@@ -36,21 +36,6 @@ def kernel_name(tmp_path, monkeypatch):
     # Notebooks that train shrink to a smoke test (a tiny model, a few steps, a small grid), and
     # compile with the same cheap LLVM settings as the tests (conftest.py).
     monkeypatch.setenv("RINGATTN_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv(
-        "XLA_FLAGS",
-        " ".join(
-            filter(
-                None,
-                [
-                    os.environ.get("XLA_FLAGS"),
-                    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-                ],
-            )
-        ),
-    )
-    # Notebooks that train shrink to a smoke test (a tiny model, a few steps, a small grid), and
-    # compile with the same cheap LLVM settings as the tests (conftest.py).
-    monkeypatch.setenv("RINGATTN_NOTEBOOK_SMALL", "1")
     fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS"), fast])))
     # The kernel imports this checkout even when the package is not installed.
