@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringattn.attention import keywords
 from ringattn.attention.masks import MaskSpec
 
 
@@ -152,24 +153,23 @@ def check(
     k,
     v,
     *,
-    causal=False,
-    local_window_size=None,
-    segment_ids=None,
-    kv_segment_ids=None,
-    q_positions=None,
-    kv_positions=None,
-    scale=None,
-    logits_soft_cap=None,
-    sinks=None,
-    block_q=None,
-    block_k=None,
-    kernel="auto",
-    tile_callback=None,
     fill_positions=True,
+    **attention,
 ):
     """Validate every argument of an attention call (shapes and dtypes only, so before any work)
     and return (Options, MaskArrays, sinks) with the defaults filled in; positions not given
-    stay None with `fill_positions=False` (the strategies derive them from their layout)."""
+    stay None with `fill_positions=False` (the strategies derive them from their layout).
+    `attention`: the call's keywords (keywords.py; those not given take their defaults)."""
+    unknown = sorted(set(attention) - set(keywords.DEFAULTS))
+    if unknown:
+        raise TypeError(f"{fn}: unexpected keyword argument(s) {unknown}.")
+    a = {**keywords.DEFAULTS, **attention}
+    causal, local_window_size, scale, logits_soft_cap = (
+        a["causal"], a["local_window_size"], a["scale"], a["logits_soft_cap"]
+    )  # fmt: skip
+    segment_ids, kv_segment_ids = a["segment_ids"], a["kv_segment_ids"]
+    q_positions, kv_positions = a["q_positions"], a["kv_positions"]
+    sinks, block_q, block_k = a["sinks"], a["block_q"], a["block_k"]
     check_qkv(fn, q, k, v)
     batch, t, h, d = _shape(q)
     s = _shape(k)[1]
@@ -218,7 +218,7 @@ def check(
         cap,
         block_q,
         block_k,
-        kernel,
-        tile_callback,
+        a["kernel"],
+        a["tile_callback"],
     )
     return opts, masks, sinks
