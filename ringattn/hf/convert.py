@@ -24,7 +24,7 @@ from ringattn.mesh import make_mesh
 from ringattn.nn.config import ModelConfig
 from ringattn.run import fields as run_fields
 from ringattn.run.checkpoint import Checkpointer
-from ringattn.run.directory import load_config, write_config
+from ringattn.run.directory import load_config, read_config, write_config
 from ringattn.run.params import abstract_params, restore_model_params
 
 HF_SUBDIR = "hf"
@@ -126,7 +126,7 @@ def export_checkpoint(workdir, out_dir, *, dtype=None, max_file_bytes=5 << 30, d
     config = load_config(workdir)
     cfg = ModelConfig.from_config(config.model)
     mesh = _placement_mesh(cfg, devices)
-    _, params = restore_model_params(workdir, cfg, mesh)
+    _, params = restore_model_params(workdir, cfg, mesh, read_config(workdir))
     untie = cfg.tie_embeddings and cfg.scale_tied_logits
     tensors = weights_lib.hf_tensors(params, cfg.num_layers, untie, dtype)
     template_dir = hf_template_dir(workdir)

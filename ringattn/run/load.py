@@ -11,7 +11,7 @@ import ml_collections
 
 from ringattn.mesh import make_mesh
 from ringattn.nn.config import ModelConfig
-from ringattn.run.directory import load_config, with_overrides
+from ringattn.run.directory import load_config, read_config, with_overrides
 from ringattn.run.params import restore_model_params
 
 
@@ -29,10 +29,13 @@ def load_run(workdir, *, config=None, overrides=None, num_devices=None):
     the config's fixed axis sizes and the context axis taking the devices they leave (decoding
     shards its cache over context). `config` replaces `<workdir>/config.json` (runs trained
     before configs were saved); `overrides` ({"model.rope.scaling": "yarn"}) change fields."""
-    config = with_overrides(load_config(workdir, config), overrides)
+    stored = read_config(workdir)  # read once: the model and the checkpoints' layer structure
+    if config is None:
+        config = stored if stored is not None else load_config(workdir)  # (which says why not)
+    config = with_overrides(config, overrides)
     devices = jax.devices()[: num_devices or None]
     shape = {axis: 1 if size == -1 else size for axis, size in config.mesh.items()}
     mesh = make_mesh({**shape, "context": -1}, devices)
     cfg = ModelConfig.from_config(config.model)
-    step, params = restore_model_params(workdir, cfg, mesh)
+    step, params = restore_model_params(workdir, cfg, mesh, stored=stored)
     return Run(config, cfg, mesh, params, step)

@@ -23,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.model import Transformer
 from ringattn.run.checkpoint import Checkpointer
-from ringattn.run.directory import read_config
 
 
 def init_boxed(cfg: ModelConfig, rng, batch=1, seq_len=8):
@@ -70,24 +69,28 @@ def restore_params(workdir, abstract):
     return found
 
 
-def stored_layout(workdir, cfg: ModelConfig) -> ModelConfig:
-    """`cfg` with the layer structure of `workdir`'s checkpoints (scan_layers and sinks of its
-    config.json; cfg's own when it has none)."""
-    stored = read_config(workdir)
-    if stored is None:
+def stored_layout(cfg: ModelConfig, stored_model) -> ModelConfig:
+    """`cfg` with the layer structure a run's checkpoints hold, read from its config's `model`
+    (scan_layers and sinks; cfg's own when the run has no config)."""
+    if stored_model is None:
         return cfg
-    run = ModelConfig.from_config(stored.model)
-    attention = dataclasses.replace(cfg.attention, sinks=run.attention.sinks)
-    return dataclasses.replace(cfg, scan_layers=run.scan_layers, attention=attention)
+    sinks = bool((stored_model.get("attention") or {}).get("sinks") or False)
+    attention = dataclasses.replace(cfg.attention, sinks=sinks)
+    scan = bool(stored_model.get("scan_layers") or False)
+    return dataclasses.replace(cfg, scan_layers=scan, attention=attention)
 
 
-def restore_model_params(workdir, cfg: ModelConfig, mesh):
+def restore_model_params(workdir, cfg: ModelConfig, mesh, stored):
     """(step, params) of `workdir`'s newest readable checkpoint, as `cfg`'s parameters on
-    `mesh` (converted from the structure the run stored them in)."""
-    layout = stored_layout(workdir, cfg)
-    step, params = restore_params(workdir, abstract_params(layout, mesh))
+    `mesh`, converted from the structure the run stored them in: `stored` is the run's config
+    (`directory.read_config(workdir)`; None: the run has none, its structure is cfg's)."""
+    layout = stored_layout(cfg, None if stored is None else stored.model)
+    abstract = abstract_params(layout, mesh)
+    target = None
     if layout != cfg:
         target = jax.tree.map(lambda x: x.sharding, abstract_params(cfg, mesh))
+    step, params = restore_params(workdir, abstract)
+    if target is not None:
         convert = functools.partial(convert_layers, src=layout, dst=cfg)
         params = jax.jit(convert, out_shardings=target)(params)
     return step, params

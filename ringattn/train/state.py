@@ -8,6 +8,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
+from ringattn.run.directory import read_config
 from ringattn.run.params import init_boxed, restore_model_params, shardings_of
 
 
@@ -67,7 +68,8 @@ def state_from_run(directory, model, tx, abstract_state):
     """A train state at step 0 with the parameters of `directory`'s newest readable checkpoint
     (as `model`'s config has them: ringattn/run/params.py) and a fresh optimizer state, all in
     `abstract_state`'s shardings."""
-    step, params = restore_model_params(directory, model.cfg, model.mesh)
+    stored = read_config(directory)
+    step, params = restore_model_params(directory, model.cfg, model.mesh, stored)
     print(f"init_from: parameters of checkpoint {step} in {directory}; step 0, fresh optimizer")
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     params = jax.device_put(params, shardings.params)

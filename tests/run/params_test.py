@@ -81,12 +81,14 @@ def test_restore_into_another_structure(tmp_path):
     mesh = make_mesh(dict(fsdp=-1))
     flat, scanned = structure(), structure(scan=True)
     write_run(tmp_path / "flat", flat, params(flat))
-    step, got = restore_model_params(str(tmp_path / "flat"), scanned, mesh)
+    flat_dir = str(tmp_path / "flat")
+    step, got = restore_model_params(flat_dir, scanned, mesh, directory.read_config(flat_dir))
     assert step == 5
     jax.tree.map(np.testing.assert_array_equal, got, convert_layers(params(flat), flat, scanned))
     assert got["layers"]["block_0"]["attn"]["query"].sharding.mesh == mesh
     write_run(tmp_path / "scanned", scanned, got)
-    _, back = restore_model_params(str(tmp_path / "scanned"), flat, mesh)
+    scanned_dir = str(tmp_path / "scanned")
+    _, back = restore_model_params(scanned_dir, flat, mesh, directory.read_config(scanned_dir))
     jax.tree.map(np.testing.assert_array_equal, back, params(flat))
 
 
