@@ -140,6 +140,6 @@ def test_generate_on_one_and_eight_devices():
         batch = gen.prompt_batch(prompts, gen.pad_multiple(cfg, mesh))
         caches = gen.init_caches(cfg, gen.CacheSpec("full", max_len=32), 2, mesh)
         outs.append(np.asarray(gen.generate(model, params, batch, caches, 6)["tokens"]))
-        with pytest.raises(ValueError, match="needs 34 positions"):
+        with pytest.raises(ValueError, match="needs 33 cache positions"):
             gen.generate(model, params, batch, caches, 22)
     np.testing.assert_array_equal(outs[0], outs[1])

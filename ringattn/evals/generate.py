@@ -271,13 +271,14 @@ def generate(
     (the max_new_tokens - 1 decode steps over the whole batch)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: `max_new_tokens` must be >= 1, got {max_new_tokens}.")
-    longest = int(np.max(batch["lengths"]))
+    # The cache holds the prompt and every new token but the last (sampled, never fed back).
+    need = int(np.max(batch["lengths"])) + max_new_tokens - 1
     full = [c.num_slots for c in caches if c.kind == "full"]
-    if full and longest + max_new_tokens > min(full):
+    if full and need > min(full):
         raise ValueError(
-            f"generate: the longest prompt ({longest} tokens) plus `max_new_tokens` "
-            f"({max_new_tokens}) needs {longest + max_new_tokens} positions, but the 'full' "
-            f"caches hold {min(full)}; make them longer (CacheSpec max_len) or generate fewer."
+            f"generate: the longest prompt plus `max_new_tokens` ({max_new_tokens}) needs {need} "
+            f"cache positions (every new token but the last is written), but the 'full' caches "
+            f"hold {min(full)}; make them longer (CacheSpec max_len) or generate fewer."
         )
     multiple = pad_multiple(model.cfg, model.mesh)
     if prefill_chunk is not None and (prefill_chunk < 1 or prefill_chunk % multiple):
