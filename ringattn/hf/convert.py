@@ -24,10 +24,9 @@ from ringattn.mesh import make_mesh
 from ringattn.nn.config import ModelConfig
 from ringattn.run import fields as run_fields
 from ringattn.run.checkpoint import Checkpointer
-from ringattn.run.directory import load_config, write_config
+from ringattn.run.directory import HF_SUBDIR, hf_template_dir, load_config, write_config
 from ringattn.run.params import abstract_params, restore_model_params
 
-HF_SUBDIR = "hf"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
 
 
@@ -105,18 +104,6 @@ def describe(config):
         f"imported {m.num_layers} layers, d {m.d_model}, {m.num_heads}/{m.num_kv_heads} heads, "
         f"vocabulary {m.vocab_size}, {m.param_dtype}, RoPE {m.rope.scaling}"
     )
-
-
-def hf_template_dir(workdir, max_depth=8):
-    """`<workdir>/hf`, else that of the run it was started from (config.init_from), and so on;
-    None if there is none (a run trained from scratch)."""
-    for _ in range(max_depth):
-        if os.path.isdir(os.path.join(workdir, HF_SUBDIR)):
-            return os.path.join(workdir, HF_SUBDIR)
-        workdir = load_config(workdir).get("init_from")
-        if not workdir:
-            return None
-    return None
 
 
 def export_checkpoint(workdir, out_dir, *, dtype=None, max_file_bytes=5 << 30, devices=None):
