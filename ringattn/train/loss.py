@@ -3,9 +3,9 @@
 whether each target is the argmax.
 
 `plain` takes every token's logits [B, T, V] at once. `tiled` never holds them: it walks the
-tokens in chunks of `chunk_size` per row (chunk j holds tokens j, j + n, j + 2n ... of n
-chunks, so a sequence sharded over devices keeps every chunk spread over all of them) and maps
-each chunk through the LM head, [B, chunk, V] at a time. Its gradient is exact and computed in
+tokens in tiles of `chunk_size` per row (each spread over the devices that hold the sequence:
+every device's share of a tile is a run of its own tokens) and maps each tile through the LM
+head, [B, chunk, V] at a time. Its gradient is exact and computed in
 the same pass (a custom_vjp): the loss is a sum over tokens, so d loss / d logits of a chunk is
 known as soon as its logits are; the chunk's share of d hidden and d head weights is taken then,
 and the logits are dropped. The backward only scales by the incoming cotangent: three matmuls
@@ -59,9 +59,18 @@ def plain(logits_BTV, targets_BT, weights_BT, z_loss=0.0):
     return Losses(total, jax.lax.stop_gradient(jnp.sum(w_BT * ce_BT)), right_BT)
 
 
-def tiled(h_BTE, w_EV, targets_BT, weights_BT, *, chunk_size, z_loss=0.0):
+def tiled(h_BTE, w_EV, targets_BT, weights_BT, *, chunk_size, z_loss=0.0, shards=1,
+          constrain=None):  # fmt: skip
     """Losses of hidden states h [B, T, E] under the LM head w [E, V] (ringattn.nn.model.head),
-    `chunk_size` tokens of each row at a time (T a multiple of it; T when it is larger)."""
+    `chunk_size` tokens of each row at a time (T a multiple of it; T when it is larger).
+
+    `shards`: how many equal parts of T the devices hold (the context axis's size): tile j takes
+    the j-th chunk_size / shards consecutive tokens of every part, so each device computes its
+    share of every tile, from tokens that sit together in its memory (no copy to gather a tile
+    when a device holds one row).
+
+    `constrain(x, logical names)` (None: none) places the tiles' arrays on a mesh: the model's
+    logical sharding constraint (a chunk's tokens as the activations' sequence, d w as w)."""
     b, t, e = h_BTE.shape
     c = min(chunk_size, t)
     if c < 1 or t % c:
@@ -70,22 +79,34 @@ def tiled(h_BTE, w_EV, targets_BT, weights_BT, *, chunk_size, z_loss=0.0):
             f"length ({t}) (or be at least it)."
         )
     n = t // c
+    s = shards if c % shards == 0 else 1
 
-    def split(x):  # [B, T, ...] -> [n, B, c, ...]: chunk j holds tokens j, j + n, ...
-        return jnp.moveaxis(x.reshape(b, c, n, *x.shape[2:]), 2, 0)
+    def split(x):  # [B, T, ...] -> [n, B, c, ...]: of each of s parts, c / s tokens per tile
+        x = jnp.moveaxis(x.reshape(b, s, n, c // s, *x.shape[2:]), 2, 0)
+        return x.reshape(n, b, c, *x.shape[4:])
 
     weights = weights_BT.astype(jnp.promote_types(h_BTE.dtype, jnp.float32))  # the logits' dtype
     total, ce, right_NBc = _tiled(
-        float(z_loss), split(h_BTE), w_EV, split(targets_BT), split(weights)
+        float(z_loss), constrain or _as_is, split(h_BTE), w_EV, split(targets_BT), split(weights)
     )
-    right_BT = jnp.moveaxis(right_NBc, 0, 2).reshape(b, t)
+    right_BT = jnp.moveaxis(right_NBc.reshape(n, b, s, c // s), 0, 2).reshape(b, t)
     return Losses(total, jax.lax.stop_gradient(ce), right_BT)
 
 
-def _chunk(h_BcE, w_EV, targets_Bc):
+def _as_is(x, names):
+    del names
+    return x
+
+
+ACT = ("act_batch", "act_length", "act_embed")
+LOGITS = ("act_batch", "act_length", "act_vocab")
+HEAD = ("embed", "vocab")
+
+
+def _chunk(constrain, h_BcE, w_EV, targets_Bc):
     """(logits, lse, the target's logit, target == argmax) of one chunk. Elementwise ops and
     reductions over V only (no gather along V), so a vocabulary sharded over devices stays so."""
-    logits_BcV = head(h_BcE, w_EV)
+    logits_BcV = constrain(head(constrain(h_BcE, ACT), w_EV), LOGITS)
     max_Bc = jnp.max(logits_BcV, axis=-1)
     lse_Bc = max_Bc + jnp.log(jnp.sum(jnp.exp(logits_BcV - max_Bc[..., None]), axis=-1))
     vocab_V = jnp.arange(logits_BcV.shape[-1], dtype=targets_Bc.dtype)
@@ -97,11 +118,11 @@ def _chunk(h_BcE, w_EV, targets_Bc):
     return logits_BcV, hit_BcV, lse_Bc, target_Bc, (target_Bc >= max_Bc) & ~earlier
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tiled(z_loss, h_NBcE, w_EV, targets_NBc, weights_NBc):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tiled(z_loss, constrain, h_NBcE, w_EV, targets_NBc, weights_NBc):
     def body(sums, xs):
         h, targets, weights = xs
-        _, _, lse, target, right = _chunk(h, w_EV, targets)
+        _, _, lse, target, right = _chunk(constrain, h, w_EV, targets)
         ce = lse - target
         sums = (
             sums[0] + jnp.sum(weights * (ce + z_loss * lse**2)),
@@ -114,34 +135,35 @@ def _tiled(z_loss, h_NBcE, w_EV, targets_NBc, weights_NBc):
     return total, ce, right
 
 
-def _tiled_fwd(z_loss, h_NBcE, w_EV, targets_NBc, weights_NBc):
+def _tiled_fwd(z_loss, constrain, h_NBcE, w_EV, targets_NBc, weights_NBc):
     dt = h_NBcE.dtype
 
     def body(carry, xs):
         total, ce_sum, dw_EV = carry
         h, targets, weights = xs
-        logits, hit, lse, target, right = _chunk(h, w_EV, targets)
+        logits, hit, lse, target, right = _chunk(constrain, h, w_EV, targets)
         ce = lse - target
         loss = ce + z_loss * lse**2  # per token: the weights' gradient
         # d loss / d logits = w_t ((1 + 2 z lse_t) softmax - onehot(target)).
         p = jnp.exp(logits - lse[..., None])
         dlogits = weights[..., None] * ((1 + 2 * z_loss * lse)[..., None] * p - hit)
         dlogits = dlogits.astype(dt)
-        dh = jnp.einsum("bcv,ev->bce", dlogits, w_EV.astype(dt))
-        dw_EV = dw_EV + jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=dw_EV.dtype)
+        dh = constrain(jnp.einsum("bcv,ev->bce", dlogits, w_EV.astype(dt)), ACT)
+        dw = jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=dw_EV.dtype)
+        dw_EV = constrain(dw_EV + dw, HEAD)
         carry = (total + jnp.sum(weights * loss), ce_sum + jnp.sum(weights * ce), dw_EV)
         return carry, (right, dh, loss)
 
     zero = jnp.zeros((), weights_NBc.dtype)
-    dw0 = jnp.zeros(w_EV.shape, jnp.promote_types(w_EV.dtype, jnp.float32))
+    dw0 = constrain(jnp.zeros(w_EV.shape, jnp.promote_types(w_EV.dtype, jnp.float32)), HEAD)
     (total, ce, dw), (right, dh, loss) = jax.lax.scan(
         body, (zero, zero, dw0), (h_NBcE, targets_NBc, weights_NBc)
     )
     return (total, ce, right), (dh, dw.astype(w_EV.dtype), loss)
 
 
-def _tiled_bwd(z_loss, residuals, cotangents):
-    del z_loss
+def _tiled_bwd(z_loss, constrain, residuals, cotangents):
+    del z_loss, constrain
     dh, dw, loss = residuals
     g = cotangents[0]  # of `total`; `ce` and `right` are metrics (stop_gradient outside)
     scale = lambda x: (g * x).astype(x.dtype)  # noqa: E731

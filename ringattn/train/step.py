@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringattn.mesh import mesh_axes_for
+from ringattn.nn.layers import constrain
 from ringattn.nn.model import Transformer
 from ringattn.train import loss as loss_lib
 from ringattn.train.loss import LossConfig
@@ -41,13 +44,26 @@ def forward(model, params, batch, loss_config=PLAIN):
         w_EV = model.apply(variables, method=Transformer.head_weights)
         out = loss_lib.tiled(
             h_BTE, w_EV, targets_BT, weights_BT, chunk_size=loss_config.chunk_size,
-            z_loss=loss_config.z_loss,
+            z_loss=loss_config.z_loss, shards=_shards(model), constrain=_constrainer(model),
         )  # fmt: skip
     else:
         logits_BTV = model.apply(variables, h_BTE, method=Transformer.head)
         out = loss_lib.plain(logits_BTV, targets_BT, weights_BT, loss_config.z_loss)
     denominator = jnp.maximum(jnp.sum(batch["weights"].astype(out.total.dtype)), 1.0)
     return out.total / denominator, (out.ce / denominator, out.right_BT)
+
+
+@functools.cache
+def _constrainer(model):
+    """(x, logical names) -> x constrained to the model's mesh (one function per model: the
+    tiled loss's custom_vjp takes it as a static argument)."""
+    return lambda x, names: constrain(x, names, model.cfg, model.mesh)
+
+
+def _shards(model):
+    """How many parts of the sequence the devices hold: the mesh's context-axis size."""
+    axes = mesh_axes_for(model.cfg.rules, "act_length")
+    return math.prod(model.mesh.shape[a] for a in axes) if model.mesh is not None else 1
 
 
 def exact_match(right_BT, batch):

@@ -34,6 +34,7 @@ from ringattn.parallel.layouts import check_layout, layout_positions
 from ringattn.run import directory, fields
 from ringattn.run.checkpoint import Checkpointer
 from ringattn.train import data as data_lib
+from ringattn.train import memory
 from ringattn.train.loss import LossConfig
 from ringattn.train.metrics import MetricsWriter, progress_line
 from ringattn.train.state import init_state, make_optimizer, state_from_run, state_shardings
@@ -288,7 +289,8 @@ def train_and_evaluate(config, workdir):
 
 def dry_run(config):
     """Compile one train step for `config`'s shapes (the model of `config.init_from`'s run,
-    where given) and print per-device memory from the compiled program; allocates nothing."""
+    where given) and return per-device memory from the compiled program, with a breakdown
+    (ringattn/train/memory.py); allocates nothing."""
     source = config.get("init_from")
     if source:
         config, _ = fields.start_from(config, directory.load_config(source), source)
@@ -296,27 +298,4 @@ def dry_run(config):
     seq_len = curriculum(config)[-1][1]
     t0 = time.perf_counter()
     compiled = exp.train_step.lower(exp.abstract_state, exp.abstract_batch(seq_len)).compile()
-    mem = compiled.memory_analysis()
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
-    gib = 2.0**30
-    report = {
-        "parameters": num_params,
-        "mesh": dict(exp.mesh.shape),
-        "devices": exp.mesh.size,
-        "batch_size": config.batch_size,
-        "seq_len": seq_len,
-        # Tokens whose activations each device holds: the batch and sequence shards.
-        "tokens_per_device": config.batch_size
-        * seq_len
-        / math.prod(exp.mesh.shape[a] for a in ("data", "fsdp", "context")),
-        "compile_s": time.perf_counter() - t0,
-        "argument_gib": mem.argument_size_in_bytes / gib,
-        "output_gib": mem.output_size_in_bytes / gib,
-        "alias_gib": mem.alias_size_in_bytes / gib,
-        "temp_gib": mem.temp_size_in_bytes / gib,
-        "generated_code_gib": mem.generated_code_size_in_bytes / gib,
-    }
-    report["total_per_device_gib"] = (
-        report["argument_gib"] + report["output_gib"] - report["alias_gib"] + report["temp_gib"]
-    )
-    return report
+    return memory.report(exp, seq_len, compiled, time.perf_counter() - t0)

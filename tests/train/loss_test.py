@@ -52,13 +52,16 @@ def value_and_grads(fn, h, w, targets, weights):
 
 
 @pytest.mark.parametrize(
-    "chunk, z_loss, ties", [(4, 0.0, False), (8, 1e-3, True), (T, 1e-3, False), (64, 0.0, True)]
-)
-def test_tiled_equals_plain_float64(chunk, z_loss, ties):
-    """Tiles of 4 and 8 tokens per row, one tile (T), a tile longer than the rows."""
+    "chunk, shards, z_loss, ties",
+    [(4, 1, 0.0, False), (8, 4, 1e-3, True), (6, 4, 0.0, True), (T, 3, 1e-3, False),
+     (64, 2, 0.0, True)],
+)  # fmt: skip
+def test_tiled_equals_plain_float64(chunk, shards, z_loss, ties):
+    """Tiles of 4, 6 and 8 tokens per row, one tile (T), a tile longer than the rows; the rows
+    in 1 to 4 shards (6 tokens in 4 shards: tiles of whole rows' runs instead)."""
     h, w, targets, weights = problem(ties=ties)
     plain = functools.partial(lambda h, w, t, k: loss.plain(head(h, w), t, k, z_loss))
-    tiled = functools.partial(loss.tiled, chunk_size=chunk, z_loss=z_loss)
+    tiled = functools.partial(loss.tiled, chunk_size=chunk, z_loss=z_loss, shards=shards)
     want, got = (value_and_grads(f, h, w, targets, weights) for f in (plain, tiled))
     logits = np.asarray(h) @ np.asarray(w)
     # The plain loss is optax's cross-entropy and numpy's argmax.
@@ -106,7 +109,7 @@ def test_tiled_on_a_sharded_vocabulary_equals_plain_float64():
     put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))  # noqa: E731
     h, targets, weights = put(h, None, "context"), put(targets, None, "context"), put(weights)
     w = put(w, None, "tensor")
-    tiled = functools.partial(loss.tiled, chunk_size=8, z_loss=1e-2)
+    tiled = functools.partial(loss.tiled, chunk_size=8, z_loss=1e-2, shards=4)
     got = value_and_grads(tiled, h, w, targets, weights)
     want = value_and_grads(
         lambda h, w, t, k: loss.plain(head(h, w), t, k, 1e-2),
