@@ -149,7 +149,9 @@ def _tiled_fwd(z_loss, constrain, h_NBcE, w_EV, targets_NBc, weights_NBc):
         dlogits = weights[..., None] * ((1 + 2 * z_loss * lse)[..., None] * p - hit)
         dlogits = dlogits.astype(dt)
         dh = constrain(jnp.einsum("bcv,ev->bce", dlogits, w_EV.astype(dt)), ACT)
-        dw = jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=dw_EV.dtype)
+        dw = constrain(
+            jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=dw_EV.dtype), HEAD
+        )
         dw_EV = constrain(dw_EV + dw, HEAD)
         carry = (total + jnp.sum(weights * loss), ce_sum + jnp.sum(weights * ce), dw_EV)
         return carry, (right, dh, loss)

@@ -72,3 +72,30 @@ def report(exp, seq_len, compiled, compile_s):
     # The temporaries besides the gradients: activations, logits, workspace.
     out["activations_and_workspace_gib"] = out["temp_gib"] - out["gradients_gib"]
     return out
+
+
+COLUMNS = (
+    ("total", "total_per_device_gib"),
+    ("temporaries", "temp_gib"),
+    ("params", "params_gib"),
+    ("optimizer", "optimizer_gib"),
+    ("gradients", "gradients_gib"),
+    ("one logits array", "logits_array_gib"),
+    ("saved block inputs", "saved_block_inputs_gib"),
+    ("activations + workspace", "activations_and_workspace_gib"),
+)
+
+
+def table_row(r):
+    """One markdown row of a dry-run report carrying `what`, `loss` and `xla` labels."""
+    cells = [r["what"], r["loss"], r["xla"]] + [f"{r[key]:.2f}" for _, key in COLUMNS]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(reports):
+    """A markdown table of dry-run reports (GiB per device), then each one's command."""
+    head = ["case", "loss", "XLA"] + [name for name, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [table_row(r) for r in reports]
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in reports]
+    return "\n".join(lines) + "\n"

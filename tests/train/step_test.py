@@ -2,6 +2,8 @@
 lowered for CUDA and for TPU on this CPU (ringattn.target_platform): the program a GPU or a TPU
 would run, with the fused kernels kernel="auto" picks there in the ring's forward and backward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -54,3 +56,37 @@ def test_ring_train_step_lowers_for_tpu(helpers):
         "splash_mqa_dkv_segmented_no_residuals",
         "splash_mqa_dq_segmented_no_residuals",
     }
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.usefixtures("cudnn_stand_in")
+def test_remat_offload_keeps_block_inputs_in_host_memory(platform):
+    """remat="offload" (scanned layers): the train step lowered for CUDA and for TPU moves each
+    layer's input [B, T, E] to pinned host memory for the backward and brings it back; remat
+    "full" keeps it on the device."""
+    import re
+
+    import ringattn
+
+    def placements(remat):
+        cfg = dataclasses.replace(CFG, num_layers=2, scan_layers=True, remat=remat)
+        mesh = make_mesh(dict(data=2, context=4), jax.devices("cpu")[:8])
+        model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
+        abstract_state, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
+        data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
+        dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
+        batch = {
+            name: jax.ShapeDtypeStruct((B, T), dtypes.get(name, jnp.int32), sharding=data)
+            for name in step.BATCH_KEYS
+        }
+        train_step = step.jit_train_step(model, tx, shardings, data, mesh)
+        with ringattn.target_platform(platform) as name:
+            lowered = train_step.trace(abstract_state, batch).lower(lowering_platforms=(name,))
+        pattern = r'_xla_buffer_placement = "(\w+)"\}\} : \(tensor<([^>]*)>'
+        return re.findall(pattern, lowered.as_text())
+
+    block_input = f"{B}x{T}x{CFG.d_model}xbf16"
+    offloaded = placements("offload")
+    assert ("pinned_host", block_input) in offloaded
+    assert ("device", block_input) in offloaded  # brought back for the backward
+    assert not any(kind == "pinned_host" for kind, _ in placements("full"))
