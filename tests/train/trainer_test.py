@@ -3,6 +3,7 @@ falling back from an unreadable checkpoint (and stopping when none reads)."""
 
 import json
 import os
+import runpy
 import signal
 import threading
 import time
@@ -16,8 +17,11 @@ import pytest
 from configs import default
 from ringattn.mesh import mesh_shape
 from ringattn.nn.config import ModelConfig
+from ringattn.run import fields
 from ringattn.run.checkpoint import Checkpointer, UnreadableRun
 from ringattn.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def read_metrics(workdir):
@@ -40,6 +44,19 @@ def test_config_variants_parse(variant):
         assert seq_len % (2 * sizes["context"]) == 0  # zigzag needs 2n chunks
     with pytest.raises(ValueError, match="unknown variant"):
         default.get_config("huge")
+
+
+def test_finetune_config_holds_the_shape_not_the_function():
+    """configs/finetune.py:smollm2 sets SmolLM2-135M's shape (a dry run needs no run) and leaves
+    its function to the run (RoPE, norm eps, tied-logit scale: ringattn/run/fields.py)."""
+    c = runpy.run_path(os.path.join(REPO, "configs", "finetune.py"))["get_config"]("smollm2")
+    flat = fields.flat(c.model)
+    assert (flat["vocab_size"], flat["num_layers"], flat["d_model"]) == (49152, 30, 576)
+    assert all(flat[k] is None for k in flat if fields.kind(k) == "function")
+    assert c.task == "text" and dict(c.eval_task_params) == {"split": "eval"}
+    assert c.seq_len % c.loss_chunk_size == 0 and c.eval_at_start
+    with pytest.raises(ValueError, match="unknown variant"):
+        runpy.run_path(os.path.join(REPO, "configs", "finetune.py"))["get_config"]("huge")
 
 
 def test_default_config_trains(tmp_path, read_tensorboard):
