@@ -21,18 +21,23 @@ CFG = ModelConfig(
 B, T = 2, 1024  # packed documents (segment ids), 256 tokens per context shard
 
 
-def _lower(helpers, platform):
+def _train_step(cfg):
+    """(the jitted train step of `cfg` on a (data 2, context 4) mesh, its abstract arguments)."""
     mesh = make_mesh(dict(data=2, context=4), jax.devices("cpu")[:8])
-    model, tx = Transformer(CFG, mesh), optax.adamw(1e-3)
-    abstract_state, shardings = state.state_shardings(model, tx, mesh, CFG.rules)
-    data = step.batch_sharding(mesh, mesh_axes_for(CFG.rules, "act_batch"))
+    model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
+    abstract_state, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
+    data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
     dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
     batch = {
         name: jax.ShapeDtypeStruct((B, T), dtypes.get(name, jnp.int32), sharding=data)
         for name in step.BATCH_KEYS
     }
-    train_step = step.jit_train_step(model, tx, shardings, data, mesh)
-    return helpers.lowered_calls(platform, train_step, abstract_state, batch)
+    return step.jit_train_step(model, tx, shardings, data, mesh), (abstract_state, batch)
+
+
+def _lower(helpers, platform):
+    train_step, args = _train_step(CFG)
+    return helpers.lowered_calls(platform, train_step, *args)
 
 
 @pytest.mark.usefixtures("cudnn_stand_in")
@@ -70,18 +75,9 @@ def test_remat_offload_keeps_block_inputs_in_host_memory(platform):
 
     def placements(remat):
         cfg = dataclasses.replace(CFG, num_layers=2, scan_layers=True, remat=remat)
-        mesh = make_mesh(dict(data=2, context=4), jax.devices("cpu")[:8])
-        model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
-        abstract_state, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
-        data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
-        dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
-        batch = {
-            name: jax.ShapeDtypeStruct((B, T), dtypes.get(name, jnp.int32), sharding=data)
-            for name in step.BATCH_KEYS
-        }
-        train_step = step.jit_train_step(model, tx, shardings, data, mesh)
+        train_step, args = _train_step(cfg)
         with ringattn.target_platform(platform) as name:
-            lowered = train_step.trace(abstract_state, batch).lower(lowering_platforms=(name,))
+            lowered = train_step.trace(*args).lower(lowering_platforms=(name,))
         pattern = r'_xla_buffer_placement = "(\w+)"\}\} : \(tensor<([^>]*)>'
         return re.findall(pattern, lowered.as_text())
 
