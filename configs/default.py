@@ -10,8 +10,9 @@
   python experiments/train.py --workdir=/tmp/x --config=configs/default.py:llama3_8b_128k --dry_run
 
 Variants (`--config=configs/default.py:<variant>`): "" (default), "long" (128 -> 256 -> 512 -> 1024
-token curriculum), "test" (tiny and fast, for the tests), "text" (byte-level LM on local Python
-sources; the data only: the default model, or --config.init_from's), "7b_1m" (a Llama-2-7B shape
+token curriculum), "test" (tiny and fast, for the tests), "text" (LM on local Python sources,
+held-out files for evaluation; the data only: the default model on bytes, or --config.init_from's
+model on its tokenizer's tokens when the run has one), "7b_1m" (a Llama-2-7B shape
 at 1M tokens on a 256-device mesh: for --dry_run), "extend" (the default passkey model, given by
 --config.init_from, fine-tuned at 1024 tokens with the RoPE scaling that
 --config.model.rope.scaling names), "llama3_8b_128k" (Llama 3.1 8B at 128K tokens on 32 devices:
@@ -52,10 +53,18 @@ def get_config(variant=""):
     # optimizer at step 0; everything else is this config's (ringattn/run/fields.py). "": none.
     c.init_from = ""
     c.num_train_steps = 700
-    # Logging, evaluation (exact-match accuracy on held-out batches), checkpoints.
+    # The loss (ringattn/train/loss.py): tokens of each row per tile of the LM head and
+    # cross-entropy (0: every token's logits at once; > 0: tiled, no [tokens, vocab] array), and
+    # the z-loss coefficient (0: none).
+    c.loss_chunk_size = 0
+    c.z_loss = 0.0
+    # Logging, evaluation (exact-match accuracy and loss on held-out batches: a stream of its own
+    # seed, with eval_task_params updating task_params), checkpoints.
     c.log_every_steps = 10
     c.eval_every_steps = 100
     c.eval_batches = 4
+    c.eval_task_params = ml_collections.ConfigDict()
+    c.eval_at_start = False  # also evaluate before the first step (step 0)
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 3
     # Mesh axis sizes (ringattn/mesh.py); -1 takes the remaining devices.
@@ -134,6 +143,7 @@ def get_config(variant=""):
         c.task = "text"
         c.curriculum = ()
         c.task_params = ml_collections.ConfigDict()  # the Python standard library's sources
+        c.eval_task_params = ml_collections.ConfigDict({"split": "eval"})  # held-out files
         c.seq_len = 512
         c.num_train_steps = 1000
         # No model field: a fresh model is the default one; with --config.init_from, the run's.
@@ -156,6 +166,7 @@ def get_config(variant=""):
         m.rope.theta = 500_000.0
         m.attention.block_q = m.attention.block_k = 1024
         m.rule_overrides = ml_collections.ConfigDict({"embed": ("fsdp", "context")})
+        c.loss_chunk_size = 1 << 17  # 8 tiles: 4096 tokens per device at a time
     elif variant == "extend":
         # Context extension: 256 -> 1024 tokens (4x), from the default model's parameters.
         c.seq_len = 1024
@@ -190,6 +201,7 @@ def get_config(variant=""):
         m.rope.low_freq_factor, m.rope.high_freq_factor = 1.0, 4.0
         m.attention.block_q = m.attention.block_k = 1024
         m.rule_overrides = ml_collections.ConfigDict({"embed": ("fsdp", "context")})
+        c.loss_chunk_size = 1 << 14  # 8 tiles: 4096 tokens per device at a time
     elif variant:
         raise ValueError(f"configs/default.py: unknown variant {variant!r}.")
     return c

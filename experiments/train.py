@@ -47,7 +47,8 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices",
     None,
     "Simulated devices per process when running on CPU (default: XLA_FLAGS' "
-    "--xla_force_host_platform_device_count, else 8).",
+    "--xla_force_host_platform_device_count, else 8); with --dry_run, the devices of a mesh "
+    "with an axis of -1.",
 )
 
 
@@ -60,7 +61,9 @@ def main(argv):
     config = _CONFIG.value
     if _DRY_RUN.value:  # the whole mesh, simulated, in this process alone
         jax.config.update("jax_platforms", "cpu")
-        start_entrypoint(math.prod(max(s, 1) for s in config.mesh.values()))
+        sizes = list(config.mesh.values())
+        # An axis of -1 (the devices left) takes --num_cpu_devices (default 8) simulated ones.
+        start_entrypoint(_CPU_DEVICES.value if -1 in sizes else math.prod(sizes))
     else:
         start_entrypoint(_CPU_DEVICES.value)
         try:

@@ -159,20 +159,21 @@ def prefill(model, params, batch, caches, cache_bound=None):
         to_layout(jnp.asarray(batch[k]), layout, n) if n > 1 else jnp.asarray(batch[k])
         for k in ("tokens", "positions", "segment_ids")
     )
-    logits_BTV, caches = model.apply(
+    # The row's newest position here: its last prompt token when this holds it. Only its
+    # logits are computed (the LM head is a sixth of a small model's prefill).
+    last_BT = positions == jnp.max(positions, axis=1, keepdims=True)
+    idx_B = jnp.argmax(last_BT, axis=1)
+    logits_B1V, caches = model.apply(
         {"params": params},
         tokens,
         positions,
         segs,
         caches,
         cache_bound,
+        idx_B[:, None],
         method=Transformer.prefill,
     )
-    # The row's newest position here: its last prompt token when this holds it.
-    last_BT = positions == jnp.max(positions, axis=1, keepdims=True)
-    idx_B = jnp.argmax(last_BT, axis=1)
-    logits_BV = jnp.take_along_axis(logits_BTV, idx_B[:, None, None], axis=1)[:, 0]
-    return jnp.where(jnp.any(positions >= 0, axis=1)[:, None], logits_BV, 0.0), caches
+    return jnp.where(jnp.any(positions >= 0, axis=1)[:, None], logits_B1V[:, 0], 0.0), caches
 
 
 def chunks(batch, chunk):

@@ -24,10 +24,9 @@ from ringattn.mesh import make_mesh
 from ringattn.nn.config import ModelConfig
 from ringattn.run import fields as run_fields
 from ringattn.run.checkpoint import Checkpointer
-from ringattn.run.directory import load_config, read_config, write_config
+from ringattn.run.directory import HF_SUBDIR, hf_template_dir, load_config, write_config
 from ringattn.run.params import abstract_params, restore_model_params
 
-HF_SUBDIR = "hf"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
 
 
@@ -107,18 +106,6 @@ def describe(config):
     )
 
 
-def hf_template_dir(workdir, max_depth=8):
-    """`<workdir>/hf`, else that of the run it was started from (config.init_from), and so on;
-    None if there is none (a run trained from scratch)."""
-    for _ in range(max_depth):
-        if os.path.isdir(os.path.join(workdir, HF_SUBDIR)):
-            return os.path.join(workdir, HF_SUBDIR)
-        workdir = load_config(workdir).get("init_from")
-        if not workdir:
-            return None
-    return None
-
-
 def export_checkpoint(workdir, out_dir, *, dtype=None, max_file_bytes=5 << 30, devices=None):
     """Write the newest parameters of the run in `workdir` as a HF checkpoint in `out_dir`
     (config.json, safetensors, the imported run's tokenizer files), in `dtype` if given (else
@@ -126,7 +113,7 @@ def export_checkpoint(workdir, out_dir, *, dtype=None, max_file_bytes=5 << 30, d
     config = load_config(workdir)
     cfg = ModelConfig.from_config(config.model)
     mesh = _placement_mesh(cfg, devices)
-    _, params = restore_model_params(workdir, cfg, mesh, read_config(workdir))
+    _, params = restore_model_params(workdir, cfg, mesh, config)
     untie = cfg.tie_embeddings and cfg.scale_tied_logits
     tensors = weights_lib.hf_tensors(params, cfg.num_layers, untie, dtype)
     template_dir = hf_template_dir(workdir)

@@ -11,7 +11,7 @@ from ringattn.mesh import DEFAULT_RULES
 from ringattn.nn.rope import RopeConfig
 
 IMPLS = ("dense", "blockwise", "ring", "allgather", "ulysses", "auto")
-REMAT = ("none", "full", "dots", "dots_no_batch")
+REMAT = ("none", "full", "dots", "dots_no_batch", "offload")
 PREFILL = ("pass_kv", "pass_q", "decode", "auto")
 
 
@@ -73,7 +73,7 @@ class ModelConfig:
     # Tied logits: x @ embedding^T / sqrt(d_model) (our unit-variance table, scaled like an untied
     # projection) when True; x @ embedding^T as is (Hugging Face's Llama) when False.
     scale_tied_logits: bool = True
-    remat: str = "none"  # none | full | dots | dots_no_batch
+    remat: str = "none"  # none | full | dots | dots_no_batch | offload (full, input on the host)
     scan_layers: bool = False  # one compiled layer body for all layers (fast compiles)
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"

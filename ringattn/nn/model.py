@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.layers import Attention, Mlp, RMSNorm, constrain, param
@@ -15,6 +16,15 @@ REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Recompute the block, but keep its input in host memory rather than on the device: with
+    # scanned layers that input ([layers, B, T, E], the whole model's saved activations) is
+    # what remat "full" keeps on the device. Lowers for TPU and CUDA (pinned_host memory).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=("block_input",),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 ACT = ("act_batch", "act_length", "act_embed")
 
@@ -32,6 +42,7 @@ class Block(nn.Module):
                  cache_bound=None):  # fmt: skip
         """(x, None), or (x, the updated cache) when given a KV cache (see Attention)."""
         cfg, mesh = self.cfg, self.mesh
+        x_BTE = checkpoint_name(x_BTE, "block_input")  # what remat "offload" keeps on the host
         h = RMSNorm(cfg, name="attn_norm")(x_BTE)
         attn = Attention(cfg, mesh, self.window, name="attn")
         if cache is None:
@@ -118,35 +129,62 @@ class Transformer(nn.Module):
         x_BTE = jnp.take(self.embedding, tokens_BT, axis=0).astype(self.cfg.dtype)
         return constrain(x_BTE, ACT, self.cfg, self.mesh)
 
-    def from_embeddings(self, x_BTE, positions_BT, segment_ids_BT):
-        """Logits [B, T, vocab] in float32 from embedded inputs."""
+    def trunk(self, x_BTE, positions_BT, segment_ids_BT):
+        """The layers on embedded inputs (no final norm)."""
         if self.cfg.scan_layers:
             x_BTE, _ = self.layers(x_BTE, positions_BT, segment_ids_BT)
         else:
             for layer in self.layers:
                 x_BTE, _ = layer(x_BTE, positions_BT, segment_ids_BT)
-        return self.logits(x_BTE)
+        return x_BTE
 
-    def logits(self, x_BTE):
-        x_BTE = self.final_norm(x_BTE)
+    def hidden(self, tokens_BT, positions_BT, segment_ids_BT):
+        """The final hidden states [B, T, d_model] (after the final norm): what `head` maps to
+        logits. The training loss takes these and `head_weights` (ringattn/train/loss.py), so
+        that it never holds every token's logits at once."""
+        x_BTE = self.trunk(self.embed(tokens_BT), positions_BT, segment_ids_BT)
+        return self.final_norm(x_BTE)
+
+    def head_weights(self):
+        """The LM head's matrix [d_model, vocab] in the activations' dtype: the untied
+        unembedding, or the tied embedding transposed (scaled unless the model is Hugging
+        Face's: scale_tied_logits=False)."""
         if self.cfg.tie_embeddings:
-            # Tied: scale like an untied lecun-normal projection (the table has unit variance),
-            # unless the model is Hugging Face's (scale_tied_logits=False).
+            # Tied: scale like an untied lecun-normal projection (the table has unit variance).
             scale = jnp.sqrt(self.cfg.d_model) if self.cfg.scale_tied_logits else 1.0
             w_EV = self.embedding.T / jnp.asarray(scale, self.embedding.dtype)
         else:
             w_EV = self.unembedding
-        logits = jnp.einsum("bte,ev->btv", x_BTE, w_EV.astype(self.cfg.dtype))
+        return w_EV.astype(self.cfg.dtype)
+
+    def head(self, h_BTE):
+        """Logits [..., vocab] in float32 of final hidden states (`hidden`) [..., d_model]."""
+        logits = head(h_BTE, self.head_weights())
+        if logits.ndim != 3:
+            return logits
         names = ("act_batch", "act_length", "act_vocab")
-        return constrain(logits.astype(jnp.float32), names, self.cfg, self.mesh)
+        return constrain(logits, names, self.cfg, self.mesh)
+
+    def from_embeddings(self, x_BTE, positions_BT, segment_ids_BT):
+        """Logits [B, T, vocab] in float32 from embedded inputs."""
+        return self.logits(self.trunk(x_BTE, positions_BT, segment_ids_BT))
+
+    def logits(self, x_BTE):
+        """Logits of the last layer's outputs (before the final norm)."""
+        return self.head(self.final_norm(x_BTE))
 
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
         return self.from_embeddings(self.embed(tokens_BT), positions_BT, segment_ids_BT)
 
-    def prefill(self, tokens_BT, positions_BT, segment_ids_BT, caches, cache_bound=None):
+    def prefill(self, tokens_BT, positions_BT, segment_ids_BT, caches, cache_bound=None,
+                logits_index=None):  # fmt: skip
         """(logits, caches): the tokens (a prompt, or a chunk of one) through the model, every
         layer's K/V written into its cache (padding: position -1, segment 0). Any token order:
         the caches place tokens by position.
+
+        `logits_index` (int [B, k], indices along T): logits [B, k, vocab] of those tokens only,
+        the LM head applied to nothing else (a prompt needs its last token's); None: [B, T,
+        vocab], every token's.
 
         `cache_bound` (static): every position the caches hold is below it. 0 (empty caches):
         the prompt's attention is the configured (context-parallel) attention, and with a window
@@ -154,14 +192,21 @@ class Transformer(nn.Module):
         token also attends to what the caches hold: a full cache takes the tokens as a chunk
         (ringattn/decode/chunked.py: pass-KV, pass-Q or decode on a mesh; packed segments of the
         chunk each see the cached context), a window cache as decode steps would."""
-        return self._cached(tokens_BT, positions_BT, segment_ids_BT, caches, True, cache_bound)
+        x_BTE, caches = self._cached(
+            tokens_BT, positions_BT, segment_ids_BT, caches, True, cache_bound
+        )
+        if logits_index is not None:
+            x_BTE = select_tokens(x_BTE, logits_index)
+        return self.logits(x_BTE), caches
 
     def decode(self, tokens_Bt, positions_Bt, caches):
         """(logits [B, t, vocab], caches): t new tokens per row (t = 1: one decode step) written
         into the caches and attended to them (position -1: padding, not written)."""
-        return self._cached(tokens_Bt, positions_Bt, None, caches, prefill=False)
+        x_BtE, caches = self._cached(tokens_Bt, positions_Bt, None, caches, prefill=False)
+        return self.logits(x_BtE), caches
 
     def _cached(self, tokens_BT, positions_BT, segment_ids_BT, caches, prefill, cache_bound=None):
+        """(the last layer's outputs, the updated caches)."""
         if self.cfg.scan_layers or self.cfg.remat != "none":
             raise ValueError(
                 "Transformer: decoding runs the layers in a loop without remat; build the model "
@@ -178,4 +223,25 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.layers, caches, strict=True):
             x_BTE, cache = layer(x_BTE, positions_BT, segment_ids_BT, cache, prefill, cache_bound)
             new.append(cache)
-        return self.logits(x_BTE), new
+        return x_BTE, new
+
+
+def head(h_BTE, w_EV):
+    """The LM head: logits [..., V] of hidden states [..., E] (after the final norm) and the
+    head's matrix [E, V], multiplied in the hidden states' dtype; float32 (float64 for float64
+    hidden states)."""
+    logits = jnp.einsum("...e,ev->...v", h_BTE, w_EV.astype(h_BTE.dtype))
+    return logits.astype(jnp.promote_types(h_BTE.dtype, jnp.float32))
+
+
+def select_tokens(x_BTE, index_Bk):
+    """x_BTE[b, index_Bk[b, j]] as [B, k, E], by a masked sum over T rather than a gather, so
+    that a sequence sharded over devices is reduced, never gathered whole on one."""
+    index_Bk = jnp.asarray(index_Bk)
+    if index_Bk.ndim != 2 or index_Bk.shape[0] != x_BTE.shape[0]:
+        raise ValueError(
+            f"logits_index: must be int [B={x_BTE.shape[0]}, k] indices along T, got shape "
+            f"{index_Bk.shape}."
+        )
+    hit_BkT = index_Bk[:, :, None] == jnp.arange(x_BTE.shape[1])[None, None]
+    return jnp.sum(jnp.where(hit_BkT[..., None], x_BTE[:, None], 0), axis=2).astype(x_BTE.dtype)

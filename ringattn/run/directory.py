@@ -14,6 +14,7 @@ from ringattn.nn.config import upgrade
 from ringattn.run import fields
 
 CONFIG_FILE = "config.json"
+HF_SUBDIR = "hf"  # an imported run's Hugging Face files: config.json, the tokenizer's
 
 
 def read_config(workdir):
@@ -82,3 +83,16 @@ def write_config(workdir, config):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json(indent=1))
+
+
+def hf_template_dir(workdir, max_depth=8):
+    """`<workdir>/hf` (an imported run's Hugging Face config and tokenizer files), else that of
+    the run it was started from (config.init_from), and so on; None if there is none (a run
+    trained from scratch)."""
+    for _ in range(max_depth):
+        if os.path.isdir(os.path.join(workdir, HF_SUBDIR)):
+            return os.path.join(workdir, HF_SUBDIR)
+        workdir = load_config(workdir).get("init_from")
+        if not workdir:
+            return None
+    return None

@@ -42,6 +42,7 @@ CHECKPOINT_LAYOUT = ("scan_layers",)
 # Top-level fields a rerun in the same workdir may change (besides SPEED model fields).
 RESUMABLE = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches")
 RESUMABLE += ("checkpoint_every_steps", "keep_checkpoints", "mesh")
+RESUMABLE += ("eval_task_params", "eval_at_start", "loss_chunk_size")  # the loss's tiles: speed
 # What the trainer records in a run's config.json: the init_from table. Not a setting.
 RECORD = "init_from_changes"
 SUBCONFIGS = ("rope", "attention")

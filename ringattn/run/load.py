@@ -14,6 +14,8 @@ from ringattn.nn.config import ModelConfig
 from ringattn.run.directory import load_config, read_config, with_overrides
 from ringattn.run.params import restore_model_params
 
+PLATFORM_DEFAULTS = ("block_q", "block_k")  # attention fields a loaded run takes from here
+
 
 @dataclasses.dataclass
 class Run:
@@ -28,11 +30,17 @@ def load_run(workdir, *, config=None, overrides=None, num_devices=None):
     """The run in `workdir` on the first `num_devices` devices (default: all), on a mesh with
     the config's fixed axis sizes and the context axis taking the devices they leave (decoding
     shards its cache over context). `config` replaces `<workdir>/config.json` (runs trained
-    before configs were saved); `overrides` ({"model.rope.scaling": "yarn"}) change fields."""
+    before configs were saved); `overrides` ({"model.rope.scaling": "yarn"}) change fields.
+
+    The kernel's tiles are the platform's default (None) unless `overrides` set them: the run's
+    stored blocks were chosen for where it trained (speed only, ringattn/run/fields.py)."""
     stored = read_config(workdir)  # read once: the model and the checkpoints' layer structure
     if config is None:
         config = stored if stored is not None else load_config(workdir)  # (which says why not)
     config = with_overrides(config, overrides)
+    for key in PLATFORM_DEFAULTS:
+        if f"model.attention.{key}" not in (overrides or {}) and "attention" in config.model:
+            config.model.attention[key] = None
     devices = jax.devices()[: num_devices or None]
     shape = {axis: 1 if size == -1 else size for axis, size in config.mesh.items()}
     mesh = make_mesh({**shape, "context": -1}, devices)

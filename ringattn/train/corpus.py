@@ -6,12 +6,19 @@ bytes are read on demand, so a row costs a few small reads whatever the corpus s
 With `bos`, every document begins with BOS: the attention-sink token that StreamingLLM (Xiao et
 al. 2023, section 3.3) prepends to every training sample, so a model learns to park attention on
 it and a streaming cache that keeps it stays in distribution.
+
+With `tokenizer` (a directory holding a Hugging Face tokenizer.json: a run's `hf/`, which the
+trainer passes for a run that has one), files are tokenized whole (once per process) and cut
+into pieces of tokens instead of bytes; each document carries the special tokens the tokenizer
+adds to a text (a BOS for Llama 3, none for SmolLM2), and `bos` adds the tokenizer's BOS where
+it adds none.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import os
 import zlib
 from typing import NamedTuple
@@ -20,12 +27,14 @@ import numpy as np
 
 from ringattn.train.tokens import BOS, check_int
 
+TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+
 # NUL and \x01 are the padding and BOS tokens, so in a file they are read as SUB (0x1a, the ASCII
 # "substitute"): no text token is ever padding or BOS.
 _STANDIN = 0x1A
 
 
-def text(rng, seq_len, *, data_dir=None, glob="*.py", split="train", bos=False):
+def text(rng, seq_len, *, data_dir=None, glob="*.py", split="train", bos=False, tokenizer=None):
     """Byte-level language modelling on local files: a list of documents filling one row.
 
     The files of `data_dir` (default: the Python standard library without site-packages) whose
@@ -37,9 +46,14 @@ def text(rng, seq_len, *, data_dir=None, glob="*.py", split="train", bos=False):
     `bos`: every document is BOS followed by a piece of at most seq_len - 1 bytes (files cut at
     multiples of seq_len - 1), so each row starts with BOS at position 0; a row whose last free
     slot could hold only a lone BOS leaves it as padding.
+
+    `tokenizer`: the tokens of `tokenized_text` instead of bytes.
     """
     fn = "text"
     _check_bos(fn, bos)
+    if tokenizer is not None:
+        return tokenized_text(rng, seq_len, tokenizer, data_dir=data_dir, glob=glob, split=split,
+                              bos=bos)  # fmt: skip
     check_int(fn, "seq_len", seq_len, 1 + bos)
     corpus = _corpus(fn, data_dir, glob, split)
     piece_len = seq_len - bos
@@ -52,6 +66,83 @@ def text(rng, seq_len, *, data_dir=None, glob="*.py", split="train", bos=False):
         docs.append(np.insert(tokens, 0, BOS) if bos else tokens)
         free -= len(docs[-1])
     return docs
+
+
+def tokenized_text(rng, seq_len, tokenizer, *, data_dir=None, glob="*.py", split="train",
+                   bos=False):  # fmt: skip
+    """`text` in the tokens of `tokenizer` (a directory with tokenizer.json): a list of documents
+    filling one row. A file is drawn in proportion to its bytes, then one of its pieces
+    uniformly: its tokens cut at multiples of seq_len - p, each piece led by the p special tokens
+    the tokenizer puts before a text (with `bos`, its BOS when it puts none), the last document
+    cut to fit."""
+    fn = "text"
+    prefix = _prefix(fn, tokenizer, bos)
+    check_int(fn, "seq_len", seq_len, len(prefix) + 1)
+    corpus = _corpus(fn, data_dir, glob, split)
+    ends = np.cumsum(corpus.sizes)
+    piece_len = seq_len - len(prefix)
+    docs, free = [], seq_len
+    while free > len(prefix):
+        f = int(np.searchsorted(ends, rng.integers(ends[-1]), side="right"))
+        ids = _file_tokens(tokenizer, corpus.paths[f])
+        start = int(rng.integers(-(-len(ids) // piece_len))) * piece_len
+        docs.append(
+            np.concatenate([prefix, ids[start : start + min(piece_len, free - len(prefix))]])
+        )
+        free -= len(docs[-1])
+    return docs
+
+
+def vocab_size(tokenizer):
+    """The vocabulary size of the tokenizer directory `tokenizer` (None: bytes, None)."""
+    return None if tokenizer is None else _tokenizer("text", tokenizer).get_vocab_size()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(directory):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(directory, TOKENIZER))
+
+
+def _tokenizer(fn, directory):
+    """The `tokenizers` Tokenizer of a directory (the `tokenizers` package alone: the data sit
+    below ringattn/hf/, whose HFTokenizer wraps the same file for inference)."""
+    if not isinstance(directory, str) or not os.path.exists(os.path.join(directory, TOKENIZER)):
+        raise ValueError(
+            f"{fn}: `tokenizer` must be a directory holding {TOKENIZER} (a run's hf/), got "
+            f"{directory!r}."
+        )
+    return _load_tokenizer(os.path.abspath(directory))
+
+
+def _prefix(fn, directory, bos):
+    """The special tokens the tokenizer puts before a text, with its BOS (tokenizer_config.json's
+    bos_token) first when `bos` asks for it."""
+    tok = _tokenizer(fn, directory)
+    plain, special = (tok.encode("a", add_special_tokens=a).ids for a in (False, True))
+    n = len(special) - len(plain)
+    prefix = special[:n] if n > 0 and special[n:] == plain else []
+    if bos:
+        path = os.path.join(directory, TOKENIZER_CONFIG)
+        token = None
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                token = json.load(f).get("bos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        bos_id = None if token is None else tok.token_to_id(token)
+        if bos_id is None:
+            raise ValueError(f"{fn}: `bos` asks for a BOS, but {path} names none.")
+        prefix = prefix if prefix[:1] == [bos_id] else [bos_id, *prefix]
+    return np.asarray(prefix, np.int32)
+
+
+@functools.cache
+def _file_tokens(tokenizer, path):
+    """The tokens [N] int32 of a whole file (no special tokens); read once per process."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        ids = _tokenizer("text", tokenizer).encode(f.read(), add_special_tokens=False).ids
+    return np.asarray(ids, np.int32)
 
 
 def text_stream(data_dir=None, split="eval", seed=0, *, length, glob="*.py", bos=False):

@@ -16,7 +16,7 @@ import bisect
 
 import numpy as np
 
-from ringattn.train.corpus import text, text_stream
+from ringattn.train.corpus import text, text_stream, vocab_size
 from ringattn.train.tasks import assoc_recall, multikey, passkey, passkey_prompt
 from ringattn.train.tokens import (
     BATCH_KEYS,
@@ -60,7 +60,7 @@ def make_batch(task, *, seed, index, batch_size, seq_len, rows=None, **params):
 
     `rows` picks the rows to build: None for all of range(batch_size), or a slice or integer
     array of row indices; row b is the same whichever other rows are built with it. `params` go
-    to the task function.
+    to the task function (`tokenizer`: a text task's tokens are that tokenizer's ids).
     """
     fn = "make_batch"
     task_fn = _task_fn(fn, task)
@@ -68,11 +68,11 @@ def make_batch(task, *, seed, index, batch_size, seq_len, rows=None, **params):
     check_int(fn, "index", index, 0)
     check_int(fn, "batch_size", batch_size, 1)
     check_int(fn, "seq_len", seq_len, 1)
-    packed = []
+    packed, vocab = [], vocab_size(params.get("tokenizer"))
     for b in _row_ids(fn, rows, batch_size):
         example = task_fn(np.random.default_rng([seed, index, b]), seq_len, **params)
         docs = example if isinstance(example, list) else [example]
-        packed.append(pack(docs, seq_len, rows=1))
+        packed.append(pack(docs, seq_len, rows=1, vocab_size=vocab))
     if not packed:
         return pack([], seq_len, rows=0)
     return {key: np.concatenate([p[key] for p in packed]) for key in BATCH_KEYS}

@@ -1,8 +1,9 @@
-"""Loss, the jitted train step and the evaluation step."""
+"""The objective, the jitted train step and the evaluation step."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,14 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringattn.mesh import mesh_axes_for
+from ringattn.nn.layers import constrain
+from ringattn.nn.model import Transformer
+from ringattn.train import loss as loss_lib
+from ringattn.train.loss import LossConfig
 from ringattn.train.state import TrainState
 
+PLAIN = LossConfig()  # every token's logits at once
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "answer_mask")
 
 
@@ -20,61 +27,93 @@ def batch_sharding(mesh, rules_batch_axes, context_axis="context"):
     return NamedSharding(mesh, P(tuple(rules_batch_axes) or None, context_axis))
 
 
-def forward(model, params, batch):
-    """(weighted mean cross-entropy, logits)."""
-    logits_BTV = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+def forward(model, params, batch, loss_config=PLAIN):
+    """(the objective: weighted mean cross-entropy + z-loss, (mean cross-entropy, right_BT)),
+    from the model's final hidden states through its LM head (ringattn/train/loss.py: tiled
+    when loss_config.chunk_size > 0, so that no [tokens, vocab] logits exist)."""
+    variables = {"params": params}
+    h_BTE = model.apply(
+        variables,
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        method=Transformer.hidden,
     )
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    w_BT = batch["weights"].astype(jnp.float32)
-    return jnp.sum(ce_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0), logits_BTV
+    targets_BT, weights_BT = batch["targets"], batch["weights"]
+    if loss_config.chunk_size:
+        w_EV = model.apply(variables, method=Transformer.head_weights)
+        out = loss_lib.tiled(
+            h_BTE, w_EV, targets_BT, weights_BT, chunk_size=loss_config.chunk_size,
+            z_loss=loss_config.z_loss, shards=_shards(model), constrain=_constrainer(model),
+        )  # fmt: skip
+    else:
+        logits_BTV = model.apply(variables, h_BTE, method=Transformer.head)
+        out = loss_lib.plain(logits_BTV, targets_BT, weights_BT, loss_config.z_loss)
+    denominator = jnp.maximum(jnp.sum(batch["weights"].astype(out.total.dtype)), 1.0)
+    return out.total / denominator, (out.ce / denominator, out.right_BT)
 
 
-def exact_match(logits_BTV, batch):
+@functools.cache
+def _constrainer(model):
+    """(x, logical names) -> x constrained to the model's mesh (one function per model: the
+    tiled loss's custom_vjp takes it as a static argument)."""
+    return lambda x, names: constrain(x, names, model.cfg, model.mesh)
+
+
+def _shards(model):
+    """How many parts of the sequence the devices hold: the mesh's context-axis size."""
+    axes = mesh_axes_for(model.cfg.rules, "act_length")
+    return math.prod(model.mesh.shape[a] for a in axes) if model.mesh is not None else 1
+
+
+def exact_match(right_BT, batch):
     """(rows whose every answer token is the argmax, rows with an answer): the greedy decode of
-    the answer is exactly right iff every teacher-forced answer prediction is."""
+    the answer is exactly right iff every teacher-forced answer prediction is. `right_BT`: the
+    target is the argmax (ringattn/train/loss.py)."""
     mask_BT = batch["answer_mask"].astype(bool)
-    right_BT = jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
     has_answer_B = jnp.any(mask_BT, axis=1)
     correct_B = jnp.all(right_BT | ~mask_BT, axis=1) & has_answer_B
     return jnp.sum(correct_B), jnp.sum(has_answer_B)
 
 
-def train_step(model, tx, state: TrainState, batch):
-    (loss, logits), grads = jax.value_and_grad(functools.partial(forward, model), has_aux=True)(
-        state.params, batch
+def train_step(model, tx, loss_config, state: TrainState, batch):
+    grad_fn = jax.value_and_grad(
+        functools.partial(forward, model, loss_config=loss_config), has_aux=True
     )
+    (objective, (loss, right_BT)), grads = grad_fn(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    correct, rows = exact_match(logits, batch)
+    correct, rows = exact_match(right_BT, batch)
     metrics = {
         "train/loss": loss,
         "train/accuracy": correct / jnp.maximum(rows, 1),
         "train/grad_norm": optax.global_norm(grads),
     }
+    if loss_config.z_loss:
+        metrics["train/z_loss"] = objective - loss
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(model, params, batch):
-    loss, logits = forward(model, params, batch)
-    correct, rows = exact_match(logits, batch)
+def eval_step(model, loss_config, params, batch):
+    _, (loss, right_BT) = forward(model, params, batch, loss_config)
+    correct, rows = exact_match(right_BT, batch)
     return {"loss": loss, "correct": correct, "rows": rows}
 
 
-def jit_train_step(model, tx, state_shardings, data_sharding, mesh):
+def jit_train_step(model, tx, state_shardings, data_sharding, mesh, loss_config=PLAIN):
     replicated = NamedSharding(mesh, P())
     return jax.jit(
-        functools.partial(train_step, model, tx),
+        functools.partial(train_step, model, tx, loss_config),
         in_shardings=(state_shardings, data_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
 
 
-def jit_eval_step(model, param_shardings, data_sharding, mesh):
+def jit_eval_step(model, param_shardings, data_sharding, mesh, loss_config=PLAIN):
     replicated = NamedSharding(mesh, P())
     return jax.jit(
-        functools.partial(eval_step, model),
+        functools.partial(eval_step, model, loss_config),
         in_shardings=(param_shardings, data_sharding),
         out_shardings=replicated,
     )

@@ -49,9 +49,11 @@ def decode(tokens):
     return bytes(ids.astype(np.uint8)).decode("utf-8", errors="replace")
 
 
-def pack(docs, seq_len, rows):
+def pack(docs, seq_len, rows, vocab_size=None):
     """Pack documents (Examples, or token arrays: weight 1, no answers), in order, into `rows`
-    rows of seq_len tokens; a batch dict of [rows, seq_len] arrays.
+    rows of seq_len tokens; a batch dict of [rows, seq_len] arrays. Tokens are bytes (1 ..
+    255; 0 is padding), or with `vocab_size` a tokenizer's ids (0 .. vocab_size - 1: padding
+    is where segment_ids is 0).
 
     A document longer than seq_len is cut into pieces of at most seq_len, each its own document.
     Greedy: a document that does not fit in the rest of the current row starts the next row.
@@ -69,7 +71,7 @@ def pack(docs, seq_len, rows):
         "answer_mask": np.zeros(shape, bool),
     }
     row, used, segment = 0, 0, 0
-    for doc in _pieces_of(fn, docs, seq_len):
+    for doc in _pieces_of(fn, docs, seq_len, vocab_size):
         n = len(doc.tokens)
         if used + n > seq_len:
             row, used, segment = row + 1, 0, 0
@@ -87,7 +89,7 @@ def pack(docs, seq_len, rows):
     return out
 
 
-def _pieces_of(fn, docs, seq_len):
+def _pieces_of(fn, docs, seq_len, vocab_size):
     if not isinstance(docs, (list, tuple)):
         raise TypeError(f"{fn}: `docs` must be a list of documents, got {type(docs).__name__}.")
     for i, doc in enumerate(docs):
@@ -97,10 +99,11 @@ def _pieces_of(fn, docs, seq_len):
         tokens = doc.tokens
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"{fn}: `docs[{i}]` must be 1-D integer tokens, got {tokens.dtype}.")
-        if len(tokens) and (tokens.min() <= PAD or tokens.max() >= VOCAB_SIZE):
+        low, high = (PAD + 1, VOCAB_SIZE) if vocab_size is None else (0, vocab_size)
+        if len(tokens) and (tokens.min() < low or tokens.max() >= high):
             raise ValueError(
-                f"{fn}: `docs[{i}]` tokens must lie in [1, {VOCAB_SIZE}), got [{tokens.min()}, "
-                f"{tokens.max()}] (0 is padding)."
+                f"{fn}: `docs[{i}]` tokens must lie in [{low}, {high}), got [{tokens.min()}, "
+                f"{tokens.max()}]{' (0 is padding)' if vocab_size is None else ''}."
             )
         for start in range(0, len(tokens), seq_len):
             yield Example(*(a[start : start + seq_len] for a in doc))

@@ -15,6 +15,7 @@ saved with the train state. SIGTERM saves a checkpoint and stops cleanly.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -33,6 +34,8 @@ from ringattn.parallel.layouts import check_layout, layout_positions
 from ringattn.run import directory, fields
 from ringattn.run.checkpoint import Checkpointer
 from ringattn.train import data as data_lib
+from ringattn.train import memory
+from ringattn.train.loss import LossConfig
 from ringattn.train.metrics import MetricsWriter, progress_line
 from ringattn.train.state import init_state, make_optimizer, state_from_run, state_shardings
 from ringattn.train.step import batch_sharding, jit_eval_step, jit_train_step
@@ -47,6 +50,28 @@ def curriculum(config):
     if config.get("curriculum"):
         return tuple((int(s), int(t)) for s, t in config.curriculum)
     return ((0, int(config.seq_len)),)
+
+
+def loss_config(config):
+    """The loss's LossConfig of a config's `loss_chunk_size` and `z_loss` (absent: 0)."""
+    return LossConfig(
+        chunk_size=int(config.get("loss_chunk_size") or 0), z_loss=float(config.get("z_loss") or 0)
+    )
+
+
+def task_params(config, evaluation=False):
+    """The task's parameters: `task_params`, updated by `eval_task_params` for evaluation; a
+    text task (one taking a `tokenizer`) gets the tokenizer of `init_from`'s run when that run
+    has one (ringattn/run/directory.py `hf_template_dir`) and the config names none."""
+    params = dict(config.task_params)
+    if evaluation:
+        params.update(dict(config.get("eval_task_params") or {}))
+    takes = inspect.signature(data_lib.TASKS[config.task]).parameters
+    if "tokenizer" in takes and params.get("tokenizer") is None and config.get("init_from"):
+        found = directory.hf_template_dir(config.init_from)
+        if found and os.path.exists(os.path.join(found, "tokenizer.json")):
+            params["tokenizer"] = found
+    return params
 
 
 def optimizer(config):
@@ -79,8 +104,22 @@ class Experiment:
         axis = self.model_cfg.attention.axis
         self.num_shards = self.mesh.shape[axis]
         self.layout = self.model_cfg.attention.layout
+        self.loss_config = loss_config(config)
         for _, seq_len in curriculum(config):
             check_layout("train", self.layout, seq_len, self.num_shards, "seq_len")
+            chunk = self.loss_config.chunk_size
+            if chunk and seq_len > chunk and seq_len % chunk:
+                raise ValueError(
+                    f"train: `loss_chunk_size` ({chunk}) must divide every training length "
+                    f"(seq_len {seq_len}), or be at least it."
+                )
+        self.task_params = {False: task_params(config), True: task_params(config, True)}
+        vocab = data_lib.vocab_size(self.task_params[False].get("tokenizer"))
+        if vocab is not None and vocab > self.model_cfg.vocab_size:
+            raise ValueError(
+                f"train: the tokenizer {self.task_params[False]['tokenizer']} has {vocab} tokens, "
+                f"more than the model's vocab_size ({self.model_cfg.vocab_size})."
+            )
         self.data_sharding = batch_sharding(self.mesh, mesh_axes_for(rules, "act_batch"), axis)
         # The batch rows this process feeds (its devices' shards only), and where each sits in
         # this process's numpy batch: fixed for the run, so computed once, not per step.
@@ -88,16 +127,22 @@ class Experiment:
         self._row_index = {int(r): i for i, r in enumerate(self.rows)}
         self._perms = {}  # seq_len -> the layout's token order
         self.train_step = jit_train_step(
-            self.model, self.tx, self.state_shardings, self.data_sharding, self.mesh
-        )
+            self.model, self.tx, self.state_shardings, self.data_sharding, self.mesh,
+            self.loss_config,
+        )  # fmt: skip
         self.eval_step = jit_eval_step(
-            self.model, self.state_shardings.params, self.data_sharding, self.mesh
-        )
+            self.model, self.state_shardings.params, self.data_sharding, self.mesh,
+            self.loss_config,
+        )  # fmt: skip
 
-    def iterator(self, seed, schedule):
-        params = dict(self.config.task_params)
+    def iterator(self, seed, schedule, evaluation=False):
         return data_lib.DataIterator(
-            self.config.task, self.config.batch_size, seed, schedule, params, rows=self.rows
+            self.config.task,
+            self.config.batch_size,
+            seed,
+            schedule,
+            self.task_params[evaluation],
+            rows=self.rows,
         )
 
     def to_device(self, batch):
@@ -147,9 +192,10 @@ def _scalar(x):
 
 
 def evaluate(exp: Experiment, params, seq_len):
-    """Exact-match accuracy and loss over `eval_batches` held-out batches at `seq_len`."""
+    """Exact-match accuracy and loss over `eval_batches` held-out batches at `seq_len` (a stream
+    of its own seed, with `eval_task_params`: a text task's held-out files)."""
     config = exp.config
-    it = exp.iterator(config.seed + EVAL_SEED_OFFSET, seq_len)
+    it = exp.iterator(config.seed + EVAL_SEED_OFFSET, seq_len, evaluation=True)
     correct = rows = loss = 0.0
     for _ in range(config.eval_batches):
         out = exp.eval_step(params, exp.to_device(next(it)))
@@ -188,13 +234,19 @@ def train_and_evaluate(config, workdir):
     writer = MetricsWriter(workdir, step)
     stop = _Stop()
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+    tokenizer = exp.task_params[False].get("tokenizer")
     print(
         f"model: {num_params / 1e6:.2f}M parameters | mesh {dict(exp.mesh.shape)} | attention "
         f"{exp.model_cfg.attention.impl}/{exp.layout} | {jax.device_count()} devices, "
-        f"{jax.process_count()} process(es)",
+        f"{jax.process_count()} process(es)" + (f" | tokens of {tokenizer}" if tokenizer else ""),
         flush=True,
     )
-    last, tick, ticked_step = {}, time.perf_counter(), step
+    last = {}
+    if step == 0 and config.get("eval_at_start"):  # the starting point, e.g. an imported model
+        last = {"step": 0} | evaluate(exp, state.params, train_it.seq_len_at(0))
+        writer.write(last)
+        print(progress_line(last), flush=True)
+    tick, ticked_step = time.perf_counter(), step
     try:
         while step < config.num_train_steps:
             seq_len = train_it.seq_len_at(step)
@@ -237,7 +289,8 @@ def train_and_evaluate(config, workdir):
 
 def dry_run(config):
     """Compile one train step for `config`'s shapes (the model of `config.init_from`'s run,
-    where given) and print per-device memory from the compiled program; allocates nothing."""
+    where given) and return per-device memory from the compiled program, with a breakdown
+    (ringattn/train/memory.py); allocates nothing."""
     source = config.get("init_from")
     if source:
         config, _ = fields.start_from(config, directory.load_config(source), source)
@@ -245,27 +298,4 @@ def dry_run(config):
     seq_len = curriculum(config)[-1][1]
     t0 = time.perf_counter()
     compiled = exp.train_step.lower(exp.abstract_state, exp.abstract_batch(seq_len)).compile()
-    mem = compiled.memory_analysis()
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
-    gib = 2.0**30
-    report = {
-        "parameters": num_params,
-        "mesh": dict(exp.mesh.shape),
-        "devices": exp.mesh.size,
-        "batch_size": config.batch_size,
-        "seq_len": seq_len,
-        # Tokens whose activations each device holds: the batch and sequence shards.
-        "tokens_per_device": config.batch_size
-        * seq_len
-        / math.prod(exp.mesh.shape[a] for a in ("data", "fsdp", "context")),
-        "compile_s": time.perf_counter() - t0,
-        "argument_gib": mem.argument_size_in_bytes / gib,
-        "output_gib": mem.output_size_in_bytes / gib,
-        "alias_gib": mem.alias_size_in_bytes / gib,
-        "temp_gib": mem.temp_size_in_bytes / gib,
-        "generated_code_gib": mem.generated_code_size_in_bytes / gib,
-    }
-    report["total_per_device_gib"] = (
-        report["argument_gib"] + report["output_gib"] - report["alias_gib"] + report["temp_gib"]
-    )
-    return report
+    return memory.report(exp, seq_len, compiled, time.perf_counter() - t0)

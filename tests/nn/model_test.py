@@ -194,3 +194,51 @@ def test_bad_config():
         Transformer(dataclasses.replace(CFG, mlp_chunk_size=7)).init(
             jax.random.key(0), *inputs()[:3]
         )
+
+
+def test_hidden_and_head_are_the_logits():
+    """The head API: `hidden` (final-normed states) through `head` is `__call__`; `head_weights`
+    is the untied matrix, or the tied embedding transposed (scaled, or not: Hugging Face's)."""
+    tokens, pos, seg, _ = inputs()
+    for tied, scaled in ((False, True), (True, True), (True, False)):
+        cfg = dataclasses.replace(CFG, tie_embeddings=tied, scale_tied_logits=scaled)
+        model = Transformer(cfg)
+        p = {"params": nn.unbox(model.init(jax.random.key(1), tokens, pos, seg))["params"]}
+        h = model.apply(p, tokens, pos, seg, method=Transformer.hidden)
+        assert h.shape == (B, T, CFG.d_model)
+        logits = model.apply(p, h, method=Transformer.head)
+        np.testing.assert_array_equal(logits, model.apply(p, tokens, pos, seg))
+        w = np.asarray(model.apply(p, method=Transformer.head_weights))
+        want = p["params"]["embedding"].T if tied else p["params"]["unembedding"]
+        np.testing.assert_allclose(w, want / (np.sqrt(CFG.d_model) if tied and scaled else 1))
+        np.testing.assert_allclose(logits, np.asarray(h) @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [False, True])
+def test_prefill_logits_of_chosen_tokens(mesh):
+    """Prefill with `logits_index` gives the logits of those tokens only ([B, k, V]): those of
+    the full prefill, on one device and with the prompt sharded over a ring of 4 (zigzag)."""
+    from ringattn.evals import generate as gen
+
+    tokens, pos, seg, _ = inputs()
+    impl = "ring" if mesh else "dense"
+    cfg = config(impl=impl, layout="zigzag", block_q=4, block_k=4)
+    mesh = make_mesh(dict(context=4), jax.devices()[:4]) if mesh else None
+    model = gen.decoding_model(cfg, mesh)
+    to = lambda x: ringattn.to_layout(x, "zigzag", 4) if mesh else x  # noqa: E731
+    tokens, pos, seg = to(tokens), to(pos), to(seg)
+    index = np.array([[5, 0, 31], [17, 17, 2]], np.int32)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(p, index, chosen):
+        caches = gen.init_caches(cfg, gen.CacheSpec("full", max_len=T), B, mesh)
+        args = (tokens, pos, seg, caches, 0) + ((index,) if chosen else ())
+        logits, _ = model.apply({"params": p}, *args, method=Transformer.prefill)
+        return logits
+
+    full = np.asarray(run(params(), index, False))
+    got = np.asarray(run(params(), index, True))
+    assert full.shape == (B, T, CFG.vocab_size) and got.shape == (B, 3, CFG.vocab_size)
+    np.testing.assert_allclose(got, np.take_along_axis(full, index[..., None], 1), rtol=1e-6)
+    with pytest.raises(ValueError, match="`logits_index`|logits_index: must be"):
+        run(params(), index[0], True)

@@ -1,7 +1,8 @@
 """Helpers the train tests share, taken as fixtures (test modules do not import conftest): batch
-rows and their documents, and a reader of TensorBoard event files."""
+rows and their documents, a reader of TensorBoard event files, small tokenizers."""
 
 import glob
+import json
 import os
 import struct
 import types
@@ -58,3 +59,37 @@ def _events(path):
 @pytest.fixture(scope="session")
 def read_tensorboard():
     return tensorboard_scalars
+
+
+def make_tokenizer(directory, bos):
+    """A small byte-level BPE tokenizer (trained on a few lines of Python) saved as a Hugging Face
+    tokenizer directory; with `bos`, it puts <s> (id 1) before every text, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    lines = ["def alpha(beta):\n    return beta + 1\n", "class Gamma:\n    delta = 'x'\n"] * 20
+    tok.train_from_iterator(lines, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    """{False: a tokenizer that adds no special token, True: one that adds BOS}."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {bos: make_tokenizer(root / f"bos_{bos}", bos) for bos in (False, True)}

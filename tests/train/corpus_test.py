@@ -161,3 +161,56 @@ def test_pad_and_bos_bytes_in_files_read_as_sub(tmp_path):
 def test_bos_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("adds_bos, bos", [(False, False), (True, False), (False, True)])
+def test_tokenized_text_documents(text_dir, tokenizer_dirs, rows, adds_bos, bos):
+    """In a tokenizer's tokens: each document is the special tokens the tokenizer puts before a
+    text (BOS for one that adds it; `bos` adds it to one that does not), then a piece of a
+    file's tokens cut at a multiple of seq_len - (1 with BOS); positions restart per document."""
+    from tokenizers import Tokenizer
+
+    directory, seq_len = tokenizer_dirs[adds_bos], 32
+    tok = Tokenizer.from_file(f"{directory}/tokenizer.json")
+    files = [tok.encode(c.decode(), add_special_tokens=False).ids for c in _files(text_dir)]
+    with_bos = adds_bos or bos
+    piece = seq_len - with_bos
+    batch = data.make_batch("text", seed=0, index=0, batch_size=4, seq_len=seq_len,
+                            data_dir=str(text_dir), tokenizer=directory, bos=bos)  # fmt: skip
+    docs = 0
+    for b in range(4):
+        row = rows.row_of(batch, b)
+        spans = rows.segments(row)
+        assert spans[0][0] == 0 and spans[-1][1] >= seq_len - with_bos  # filled
+        for s, e in spans:
+            ids = row["inputs"][s:e].tolist()
+            np.testing.assert_array_equal(row["positions"][s:e], np.arange(e - s))
+            assert (ids[0] == 1) == with_bos and 1 not in ids[1:]  # <s> is id 1
+            body = ids[with_bos:]
+            assert body and any(
+                body == f[k : k + len(body)] for f in files for k in range(0, len(f), piece)
+            )
+            docs += 1
+    assert docs > 4
+    assert not np.array_equal(
+        batch["inputs"],
+        data.make_batch(
+            "text", seed=0, index=0, batch_size=4, seq_len=seq_len, data_dir=str(text_dir)
+        )["inputs"],
+    )
+
+
+def test_tokenized_text_errors(text_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="`tokenizer` must be a directory holding tokenizer.json"):
+        corpus.text(rng, 64, data_dir=str(text_dir), tokenizer=str(tmp_path))
+    # A BOS asked of a tokenizer whose config names none.
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+        str(tmp_path / "tokenizer.json")
+    )
+    with pytest.raises(ValueError, match="`bos` asks for a BOS"):
+        corpus.text(rng, 64, data_dir=str(text_dir), tokenizer=str(tmp_path), bos=True)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 2\)"):
+        tokens.pack([np.array([0, 2])], 8, rows=1, vocab_size=2)

@@ -10,8 +10,16 @@ from ringattn.train import data
 
 SYNTHETIC = ("passkey", "multikey", "assoc_recall")
 T = 256
-# (task, params): every task, and text with BOS-led documents.
+# (task, params): every task, text with BOS-led documents, text in a tokenizer's tokens (one that
+# adds BOS: the `tokenizer_dirs` fixture's, named by its key).
 CASES = [*((task, {}) for task in (*SYNTHETIC, "text")), ("text", {"bos": True})]
+CASES += [("text", {"tokenizer": False}), ("text", {"tokenizer": True})]
+
+
+@pytest.fixture
+def resolve(tokenizer_dirs):
+    """A case's params with a tokenizer's key replaced by its directory."""
+    return lambda p: p | ({"tokenizer": tokenizer_dirs[p["tokenizer"]]} if "tokenizer" in p else {})
 
 
 def _batch(task, seq_len=T, index=0, **kw):
@@ -19,15 +27,16 @@ def _batch(task, seq_len=T, index=0, **kw):
 
 
 @pytest.mark.parametrize("task, params", CASES)
-def test_format(task, params, rows):
+def test_format(task, params, rows, resolve):
     """Shapes and dtypes, and the invariants tying the six arrays together within documents."""
+    params = resolve(params)
     batch = _batch(task, **params)
     assert set(batch) == set(data.BATCH_KEYS)
     dtypes = dict(inputs=np.int32, targets=np.int32, weights=np.float32, positions=np.int32,
                   segment_ids=np.int32, answer_mask=np.bool_)  # fmt: skip
     for key, dtype in dtypes.items():
         assert batch[key].shape == (3, T) and batch[key].dtype == dtype, key
-    assert batch["inputs"].max() < data.VOCAB_SIZE
+    assert batch["inputs"].max() < (300 if "tokenizer" in params else data.VOCAB_SIZE)
     for b in range(3):
         row = rows.row_of(batch, b)
         segments = rows.segments(row)
@@ -52,7 +61,8 @@ def test_format(task, params, rows):
 
 
 @pytest.mark.parametrize("task, params", CASES)
-def test_deterministic(task, params):
+def test_deterministic(task, params, resolve):
+    params = resolve(params)
     a, b = _batch(task, **params), _batch(task, **params)
     for key in data.BATCH_KEYS:
         np.testing.assert_array_equal(a[key], b[key])

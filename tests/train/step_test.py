@@ -2,6 +2,8 @@
 lowered for CUDA and for TPU on this CPU (ringattn.target_platform): the program a GPU or a TPU
 would run, with the fused kernels kernel="auto" picks there in the ring's forward and backward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,18 +21,23 @@ CFG = ModelConfig(
 B, T = 2, 1024  # packed documents (segment ids), 256 tokens per context shard
 
 
-def _lower(helpers, platform):
+def _train_step(cfg):
+    """(the jitted train step of `cfg` on a (data 2, context 4) mesh, its abstract arguments)."""
     mesh = make_mesh(dict(data=2, context=4), jax.devices("cpu")[:8])
-    model, tx = Transformer(CFG, mesh), optax.adamw(1e-3)
-    abstract_state, shardings = state.state_shardings(model, tx, mesh, CFG.rules)
-    data = step.batch_sharding(mesh, mesh_axes_for(CFG.rules, "act_batch"))
+    model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
+    abstract_state, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
+    data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
     dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
     batch = {
         name: jax.ShapeDtypeStruct((B, T), dtypes.get(name, jnp.int32), sharding=data)
         for name in step.BATCH_KEYS
     }
-    train_step = step.jit_train_step(model, tx, shardings, data, mesh)
-    return helpers.lowered_calls(platform, train_step, abstract_state, batch)
+    return step.jit_train_step(model, tx, shardings, data, mesh), (abstract_state, batch)
+
+
+def _lower(helpers, platform):
+    train_step, args = _train_step(CFG)
+    return helpers.lowered_calls(platform, train_step, *args)
 
 
 @pytest.mark.usefixtures("cudnn_stand_in")
@@ -54,3 +61,28 @@ def test_ring_train_step_lowers_for_tpu(helpers):
         "splash_mqa_dkv_segmented_no_residuals",
         "splash_mqa_dq_segmented_no_residuals",
     }
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.usefixtures("cudnn_stand_in")
+def test_remat_offload_keeps_block_inputs_in_host_memory(platform):
+    """remat="offload" (scanned layers): the train step lowered for CUDA and for TPU moves each
+    layer's input [B, T, E] to pinned host memory for the backward and brings it back; remat
+    "full" keeps it on the device."""
+    import re
+
+    import ringattn
+
+    def placements(remat):
+        cfg = dataclasses.replace(CFG, num_layers=2, scan_layers=True, remat=remat)
+        train_step, args = _train_step(cfg)
+        with ringattn.target_platform(platform) as name:
+            lowered = train_step.trace(*args).lower(lowering_platforms=(name,))
+        pattern = r'_xla_buffer_placement = "(\w+)"\}\} : \(tensor<([^>]*)>'
+        return re.findall(pattern, lowered.as_text())
+
+    block_input = f"{B}x{T}x{CFG.d_model}xbf16"
+    offloaded = placements("offload")
+    assert ("pinned_host", block_input) in offloaded
+    assert ("device", block_input) in offloaded  # brought back for the backward
+    assert not any(kind == "pinned_host" for kind, _ in placements("full"))

@@ -3,20 +3,25 @@ falling back from an unreadable checkpoint (and stopping when none reads)."""
 
 import json
 import os
+import runpy
 import signal
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import default
 from ringattn.mesh import mesh_shape
 from ringattn.nn.config import ModelConfig
+from ringattn.run import fields
 from ringattn.run.checkpoint import Checkpointer, UnreadableRun
 from ringattn.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def read_metrics(workdir):
@@ -41,6 +46,19 @@ def test_config_variants_parse(variant):
         default.get_config("huge")
 
 
+def test_finetune_config_holds_the_shape_not_the_function():
+    """configs/finetune.py:smollm2 sets SmolLM2-135M's shape (a dry run needs no run) and leaves
+    its function to the run (RoPE, norm eps, tied-logit scale: ringattn/run/fields.py)."""
+    c = runpy.run_path(os.path.join(REPO, "configs", "finetune.py"))["get_config"]("smollm2")
+    flat = fields.flat(c.model)
+    assert (flat["vocab_size"], flat["num_layers"], flat["d_model"]) == (49152, 30, 576)
+    assert all(flat[k] is None for k in flat if fields.kind(k) == "function")
+    assert c.task == "text" and dict(c.eval_task_params) == {"split": "eval"}
+    assert c.seq_len % c.loss_chunk_size == 0 and c.eval_at_start
+    with pytest.raises(ValueError, match="unknown variant"):
+        runpy.run_path(os.path.join(REPO, "configs", "finetune.py"))["get_config"]("huge")
+
+
 def test_default_config_trains(tmp_path, read_tensorboard):
     c = default.get_config()
     c.num_train_steps, c.eval_every_steps, c.eval_batches, c.log_every_steps = 2, 2, 1, 1
@@ -58,26 +76,37 @@ def test_default_config_trains(tmp_path, read_tensorboard):
         assert written == want, tag
 
 
-def small_config(steps=10):
+def small_config(steps=10, tokenizer=None):
+    """The test config; with `tokenizer` (a directory), text in its tokens instead of passkey,
+    the loss tiled, held-out files evaluated at the start too."""
     c = default.get_config("test")
     c.num_train_steps = steps
     c.checkpoint_every_steps = 4
     c.eval_every_steps = 100
+    if tokenizer:
+        c.task, c.eval_at_start, c.loss_chunk_size = "text", True, 32
+        c.task_params = ml_collections.ConfigDict({"tokenizer": tokenizer})
+        c.eval_task_params = ml_collections.ConfigDict({"split": "eval"})
+        c.model.vocab_size = 300
     return c
 
 
-def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path, read_tensorboard):
-    c = small_config()
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path, read_tensorboard,
+                                                            tokenizer_dirs):  # fmt: skip
+    """Killed at step 5 and rerun: the losses of the run that was not (the data iterator's state
+    is in the checkpoint), with packed text in a tokenizer's tokens and the tiled loss (passkey
+    and the plain loss resume in rerun_test.py)."""
+    c = small_config(tokenizer=tokenizer_dirs[True])
     full = tmp_path / "full"
     trainer.train_and_evaluate(c, str(full))
-    want = [r["train/loss"] for r in read_metrics(full)]
+    want = [r["train/loss"] for r in read_metrics(full) if "train/loss" in r]
 
     # SIGTERM from another thread once step 5 is logged: the loop saves and stops.
     work = tmp_path / "interrupted"
 
     def kill_at_step_5():
         path = work / "metrics.jsonl"
-        while not (path.exists() and len(path.read_text().splitlines()) >= 5):
+        while not (path.exists() and path.read_text().count('"train/loss"') >= 5):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -90,9 +119,12 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path, read_tenso
     assert str(stopped) in os.listdir(work / "checkpoints")
 
     trainer.train_and_evaluate(c, str(work))
-    got = [r["train/loss"] for r in read_metrics(work)]
-    assert [r["step"] for r in read_metrics(work)] == list(range(1, c.num_train_steps + 1))
+    got = [r["train/loss"] for r in read_metrics(work) if "train/loss" in r]
+    steps = [r["step"] for r in read_metrics(work) if "train/loss" in r]
+    assert steps == list(range(1, c.num_train_steps + 1))
     assert got == want  # bit-identical
+    # Evaluated once before training (on held-out files), and at the end.
+    assert [r["step"] for r in read_metrics(work) if "eval/loss" in r] == [0, c.num_train_steps]
     # TensorBoard: the resumed run's new event file holds only the steps after the checkpoint.
     written, _ = read_tensorboard(work / "tensorboard", "train/loss")
     assert written == [(i + 1, np.float32(loss)) for i, loss in enumerate(want)]

@@ -253,8 +253,11 @@ def bwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKE, do_BTKGE, lse_BKGT, delta_BKG
 
 # Default tiles per platform, when a call gives block_q / block_k = None. GPU: on one H200
 # (bf16, D = 128, T = 8K, fwd+bwd) 1024 x 1024 tiles ran 2.4x faster than 512 x 512
-# (experiments/results/gpu_h200_core.txt): bigger dots amortise the loop. CPU: 512 (the
-# benchmarks in experiments/results/cpu_*.txt ran with it). TPU: 512 (unmeasured here).
+# (experiments/results/gpu_h200_core.txt): bigger dots amortise the loop. CPU: 512, of 128 / 256 /
+# 512 / 1024 the fastest on the 2-core machine for blockwise at 2K and 4K tokens (forward and
+# forward + backward; 128 is 1.5-1.8x slower) and for the ring's forward + backward over 8
+# devices at 8K; the ring's forward alone ran 10% faster with 128 (experiments/block_sizes.py,
+# experiments/results/real_model/finetune/block_sizes.jsonl). TPU: 512 (unmeasured here).
 BLOCKS = {"gpu": 1024, "cpu": 512, "tpu": 512}
 
 
