@@ -6,9 +6,13 @@ logical shardings when the model is given a mesh.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ringattn.attention.blockwise import blockwise_attention
 from ringattn.attention.reference import reference_attention
@@ -23,10 +27,20 @@ from ringattn.parallel.api import context_parallel_attention
 
 
 def constrain(x, names, cfg: ModelConfig, mesh):
-    """Shard activation `x` as its logical axis `names` map to `mesh` (no-op without a mesh)."""
+    """Shard activation `x` as its logical axis `names` map to `mesh` (no-op without a mesh).
+
+    A dimension that does not split evenly over its mesh axes stays whole on them: a decode
+    step's one token (act_length) is replicated over the context axis, as the sharded cache's
+    attention wants it, instead of padded to one token a device, which would cost collectives
+    around every norm and projection."""
     if mesh is None:
         return x
-    return nn.with_logical_constraint(x, names, rules=cfg.rules, mesh=mesh)
+    spec = nn.logical_to_mesh_axes(names, cfg.rules)
+    even = []
+    for size, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), strict=True):
+        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        even.append(axes if size % math.prod(mesh.shape[a] for a in group) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*even)))
 
 
 def param(module, name, shape, names, cfg: ModelConfig, init=None):
