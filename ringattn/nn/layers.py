@@ -168,6 +168,14 @@ def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT
     )  # fmt: skip
 
 
+def project_out(o_BTHD, w_HDE):
+    """The attention output projection, heads and head dim contracted as one axis: both
+    reshapes are free, where the two-axis einsum made XLA:CPU transpose the weights (and the
+    output) on every call, a copy of the weights per decode step."""
+    b, t, h, d = o_BTHD.shape
+    return jnp.einsum("btf,fe->bte", o_BTHD.reshape(b, t, h * d), w_HDE.reshape(h * d, -1))
+
+
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (never repeated).
 
@@ -217,7 +225,7 @@ class Attention(nn.Module):
             o_BTHD = cached_attention(
                 cfg, self.mesh, q_BTHD, positions_BT, cache, rope, self.window, sinks_H
             )
-            return jnp.einsum("bthd,hde->bte", o_BTHD.astype(dt), wo.astype(dt)), cache
+            return project_out(o_BTHD.astype(dt), wo.astype(dt)), cache
         q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
         k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
         names = ("act_batch", "act_length", "act_heads", "head_dim")
@@ -231,13 +239,13 @@ class Attention(nn.Module):
                 self.window, sinks_H, cache_bound,
             )  # fmt: skip
             o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
-            return jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt)), cache
+            return project_out(o_BTHD, wo.astype(dt)), cache
         o_BTHD = attention(
             cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, self.window,
             sinks_H,
         )  # fmt: skip
         o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
-        out_BTE = jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt))
+        out_BTE = project_out(o_BTHD, wo.astype(dt))
         if cache is None:
             return out_BTE
         stored_k = unrotated_k_BTKD if rotate_later else k_BTKD
