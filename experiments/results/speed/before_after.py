@@ -169,6 +169,41 @@ def ring_program(pkg, n):
     return jax.jit(fwdbwd), lambda: args
 
 
+def tile_matmuls(n):
+    """The matrix products alone of the causal ring's fwd+bwd at T = --ring_len over n devices
+    (8 heads, head dim 64, 512-token shards and tiles, the contiguous layout): device r computes
+    r + 1 tiles, each 2 forward products (q k^T, p v) and 5 backward (q k^T again, do v^T,
+    p^T do, ds^T q, ds k), in the layouts XLA multiplies fastest; on the same simulated devices
+    as the ring: what its step cannot go below with these tiles on this machine's matmuls."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    rng = np.random.default_rng(0)
+    mesh = jax.make_mesh((n,), ("context",), devices=jax.devices()[:n])
+    x = jnp.asarray(rng.standard_normal((n * 4, 8, 512, 64)), jnp.float32)
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("context")))
+
+    def local(x):
+        def body(i, acc):
+            q, k, v, do = (x[j] + i.astype(x.dtype) for j in range(4))
+            s = jnp.einsum("hqd,hsd->hqs", q, k)
+            o = jnp.einsum("hqs,hsd->hqd", s, v)
+            s2 = jnp.einsum("hqd,hsd->hqs", q + o, k)
+            dp = jnp.einsum("hqd,hsd->hqs", do, v)
+            dv = jnp.einsum("hqs,hqd->hsd", s2, do)
+            dk = jnp.einsum("hqs,hqd->hsd", dp, q)
+            dq = jnp.einsum("hqs,hsd->hqd", dp, k)
+            return acc + dv + dk + dq
+
+        tiles = lax.axis_index("context") + 1
+        return lax.fori_loop(0, tiles, body, jnp.zeros_like(x[:1]))
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=jax.P("context"), out_specs=jax.P("context"))
+    return jax.jit(fn), lambda: (x,)
+
+
 def profile(fn, fresh, hlo, runs=2):
     """ms per run of fn's thunks grouped by op name (layer numbers dropped), over all devices;
     thunks may overlap (XLA:CPU runs independent ones at once), so the sum exceeds wall time."""
@@ -252,6 +287,7 @@ def main(argv):
     if "ring" in _WHAT.value:
         progs = {v: ring_program(pkg, _NUM_DEVICES.value) for v, pkg in versions.items()}
         progs["original"] = ring_program(None, _NUM_DEVICES.value)
+        progs["matmuls_only"] = tile_matmuls(_NUM_DEVICES.value)
         compare(f"ring fwd+bwd ms, T={_RING_LEN.value}, {_NUM_DEVICES.value} devices", progs)
 
 
