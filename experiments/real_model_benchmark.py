@@ -8,8 +8,11 @@ For each prompt length (default 2048 and 8128 tokens, + 64 decode steps: 8192 fi
 context): ours on 1 device (blockwise prefill, the cache local) and on --num_devices (ring
 prefill in the run's layout, the cache sharded along the sequence), then transformers (its
 default attention and KV cache, float32, torch threads = CPU cores); then our sink + window cache
-(4 + 1020) on 1 and n devices, whose decode cost does not grow with the stream. Compilation is
-excluded; the best of --repeats runs. Writes OUT.json and OUT.md.
+(4 + 1020) on 1 and n devices, whose decode cost does not grow with the stream. Both prefill as
+generation does (`ringattn.evals.generate.prefill`; transformers with `logits_to_keep=1`).
+Compilation is excluded; the best of --repeats runs; the table gives each of our rows' ratio to
+transformers at the same prompt length. Writes OUT.json and OUT.md. The rows are timed one after
+another, not in turns: run it alone on the machine.
 """
 
 import json

@@ -199,6 +199,20 @@ def largest_buffer(text):
     return max(int(np.prod(s)) for s in hlo_shapes(text))
 
 
+_COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+
+
+def collectives(text):
+    """The collectives of compiled HLO text, in program order: (op, shapes of its result)."""
+    found = []
+    for line in text.splitlines():
+        for op in _COLLECTIVES:
+            for form in (f" {op}(", f" {op}-start("):
+                if form in line and "=" in line:
+                    found.append((op, hlo_shapes(line.split("=", 1)[1].split(form)[0])))
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Lowering for another platform.
 
@@ -248,6 +262,7 @@ def helpers():
         "hlo_shapes",
         "square_buffers",
         "largest_buffer",
+        "collectives",
         "lowered_calls",
         "TOL",
     )

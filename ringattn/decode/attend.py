@@ -13,12 +13,12 @@ from typing import NamedTuple, Unpack
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from ringattn import deprecation
 from ringattn.attention import inputs, keywords, masks
 from ringattn.attention.blockwise import add_sinks
 from ringattn.decode import cache as cache_lib
+from ringattn.decode import merge
 
 
 class Rule(NamedTuple):
@@ -100,12 +100,8 @@ def partial_attention(q, q_pos, cache, rule: Rule, kv_rope_pos=None, q_rope_pos=
 def merge_partials(out_BtHD, lse_BHt, axis_name):
     """Exact merge across `axis_name` of partial results over disjoint key sets:
     lse = logsumexp over devices, out = sum of out_r * exp(lse_r - lse); rows no device sees
-    stay 0 with lse = LSE_NONE."""
-    m = lax.pmax(lse_BHt, axis_name)
-    lse = m + jnp.log(lax.psum(jnp.exp(lse_BHt - m), axis_name))  # >= m: the max term is 1
-    weight = jnp.exp(lse_BHt - lse)
-    out = lax.psum(out_BtHD * jnp.moveaxis(weight, 2, 1)[..., None], axis_name)
-    return out, lse
+    stay 0 with lse = LSE_NONE. One all-gather (decode/merge.py)."""
+    return merge.merge_partials(out_BtHD, lse_BHt, axis_name)
 
 
 def finish(q, out, lse, sinks, return_lse):

@@ -13,9 +13,11 @@ context-parallel inference, arXiv 2411.01783, Sec. 3):
   pass_q   the queries travel with their running (out, lse), the sources stay: n - 1 hops, then
            one hop takes each result home; the chunk is then written (gathered: it is short).
            For short chunks against a long cache: the cache never moves.
-  decode   every device gets every query (one all-gather) and attends them to its source; the
-           partial results merge through lse, each device keeping its own rows: what a decode
-           step does, the fewest collectives, for the shortest chunks.
+  decode   every device gets every query and the chunk's K/V (one all-gather of them all)
+           and attends the queries to its source; the partial results merge through lse, each
+           device keeping its own rows (one all-to-all): what a decode step does, two
+           collectives (the fewest: the queries must reach every source, and the results come
+           back), for the shortest chunks.
 
 `strategy="auto"` picks by the cost model (`ringattn.estimate_costs(..., cached_len=)`,
 parallel/prefill_costs.py).
@@ -47,6 +49,7 @@ from ringattn.attention.blockwise import add_sinks, make_config
 from ringattn.attention.kernels import base
 from ringattn.attention.kernels.xla import from_storage
 from ringattn.decode import cache as cache_lib
+from ringattn.decode import merge
 from ringattn.parallel import prefill_costs, ring
 
 STRATEGIES = ("pass_kv", "pass_q", "decode")
@@ -153,18 +156,18 @@ def _queries(cfg, q, pos, seg, num_kv_heads):
     return Queries(q_, pos, seg)
 
 
-def _gather(tree, axis_name):
-    return jax.tree.map(lambda x: lax.all_gather(x, axis_name, axis=1, tiled=True), tree)
-
-
 def run(fn, strategy, opts, q, src: Source, cache, sinks, axis_name):
     """(out [B, t, H, Dv] in q's dtype, lse [B, H, t] f32, cache): the strategy's loop."""
     n = 1 if axis_name is None else lax.axis_size(axis_name)
     index = 0 if axis_name is None else lax.axis_index(axis_name)
-    kh, t, c = src.k.shape[2], q.shape[1], src.k.shape[1]
+    kh, c = src.k.shape[2], src.k.shape[1]
     q_all, pos_all, seg_all = q, src.pos, src.seg
+    gathered = None  # the chunk's K/V and positions, gathered once to be written
     if strategy == "decode" and n > 1:
-        q_all, pos_all, seg_all = _gather((q, src.pos, src.seg), axis_name)
+        q_all, pos_all, seg_all, k_all, v_all = merge.gather_packed(
+            [q, src.pos, src.seg, src.k, src.v], axis_name
+        )
+        gathered = (k_all, v_all, pos_all)
     cfgs = _configs(fn, opts, q_all, src)
     kern, cfg = cfgs[1].kernel, cfgs[1]
     qu = _queries(cfg, q_all, pos_all, seg_all, kh)
@@ -190,19 +193,12 @@ def run(fn, strategy, opts, q, src: Source, cache, sinks, axis_name):
         state = _attend(cfgs, qu, keys, state)
     o, lse = kern.finish_fwd(cfg, q_all, state)
     if strategy == "decode" and n > 1:
-        o, lse = _merge_own_rows(o, lse, axis_name, index, t)
+        o, lse = merge.merge_own_rows(o, lse, axis_name)
     if strategy != "pass_kv" or n == 1:
-        new = (src.k, src.v, src.pos) if n == 1 else _gather((src.k, src.v, src.pos), axis_name)
-        cache = cache_lib.write(cache, *new, shard=index)
+        if gathered is None:  # pass_q: the chunk is short, gather it (one collective)
+            gathered = (src.k, src.v, src.pos)
+            if n > 1:
+                gathered = merge.gather_packed(list(gathered), axis_name)
+        cache = cache_lib.write(cache, *gathered, shard=index)
     o, lse = add_sinks(o, lse, sinks)
     return o.astype(q.dtype), lse, cache
-
-
-def _merge_own_rows(o_BTHD, lse_BHT, axis_name, index, t):
-    """The exact merge over devices of partial results for every query (all-reduced lse,
-    reduce-scattered out), of this device's t queries (rows index * t ...)."""
-    m = lax.pmax(lse_BHT, axis_name)
-    lse = m + jnp.log(lax.psum(jnp.exp(lse_BHT - m), axis_name))
-    weighted = o_BTHD * jnp.moveaxis(jnp.exp(lse_BHT - lse), 2, 1)[..., None]
-    o = lax.psum_scatter(weighted, axis_name, scatter_dimension=1, tiled=True)
-    return o, lax.dynamic_slice_in_dim(lse, index * t, t, axis=2)

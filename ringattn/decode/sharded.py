@@ -6,8 +6,10 @@ the positions [r S/n, (r+1) S/n), for a striped one the positions p with p mod n
   * update: every device sees the (replicated) new K/V and writes only the tokens whose slot it
     owns (a masked scatter, cache.write);
   * attend: every device attends the (replicated) queries to its own slots, giving (out_r,
-    lse_r), and the partials merge exactly through lse (attend.merge_partials): only
-    [B, t, H, D] and [B, H, t] values cross devices, never the cache.
+    lse_r), and the partials merge exactly through lse (merge.merge_partials): one all-gather
+    of [B, t, H, D + 1] values a step, never the cache. Window kinds rotate keys at their
+    StreamingLLM positions, which depend on the newest position held: the queries carry it
+    (`update` wrote them first), so that costs no collective either.
 
 `sharded_*` are called inside jax.shard_map with the local shard; `*_on_mesh` wrap them over
 global arrays: the cache sharded P(batch_axis, axis_name), the new tokens and queries
@@ -26,10 +28,11 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ringattn import deprecation
+from ringattn import deprecation, promises
 from ringattn.attention import keywords
 from ringattn.decode import attend as attend_lib
 from ringattn.decode import cache as cache_lib
+from ringattn.decode import merge
 from ringattn.parallel import sharding
 
 
@@ -68,7 +71,31 @@ def sharded_update(cache, k_new, v_new, pos_new, *, axis_name):
 def sharded_cache_positions(cache, q_pos=None, *, axis_name):
     """`cache_positions` of this device's slots (the newest position is a pmax over shards)."""
     check_shard("sharded_cache_positions", cache, axis_name)
-    length = lax.pmax(jnp.max(cache.pos, axis=1) + 1, axis_name)
+    return cache_lib.positions_from_length(cache, q_pos, _held_length(cache, axis_name))
+
+
+def _held_length(cache, axis_name):
+    """1 + the newest position any shard holds, per row [B] (one all-reduce)."""
+    return lax.pmax(jnp.max(cache.pos, axis=1) + 1, axis_name)
+
+
+def query_cache_positions(fn, cache, q_pos, axis_name):
+    """`sharded_cache_positions` from the queries alone: `update` wrote them before they
+    attend, and a stream's positions grow, so the newest position held is the newest query's
+    (a row of padding only sees nothing, whatever its positions). No collective; the promise is
+    checked in eager calls and under `ringattn.debug_checks()`."""
+    length = jnp.max(jnp.asarray(q_pos, jnp.int32), axis=1) + 1
+    if cache.kind != "full" and promises.needed(q_pos, cache.pos):
+        held = _held_length(cache, axis_name)
+        promises.check(
+            fn,
+            (length == held) | (length <= 0),
+            "the newest query position ({query}) is not the newest position the window cache "
+            "holds ({held}): write the queries' tokens with `sharded_update` first, in a stream "
+            "whose positions grow.",
+            query=jnp.max(length) - 1,
+            held=jnp.max(held) - 1,
+        )
     return cache_lib.positions_from_length(cache, q_pos, length)
 
 
@@ -79,15 +106,17 @@ def sharded_attend(
     **attention: Unpack[keywords.DecodeKeywords],
 ):  # fmt: skip
     """`attend` inside shard_map: q/q_pos (and sinks) replicated, `cache` this device's shard;
-    the result (replicated) is the same as attending to the whole cache."""
+    the result (replicated) is the same as attending to the whole cache, for one all-gather.
+    As for `attend`, call it after `sharded_update` wrote the queries' tokens: a window cache's
+    rotary positions count from the newest query."""
     fn = "sharded_attend"
     rule, sinks = attend_lib.check_attend(fn, q, q_pos, cache, rope, attention)
     check_shard(fn, cache, axis_name)
     kv_rope, q_rope = (None, None)
     if rope is not None:
-        kv_rope, q_rope = sharded_cache_positions(cache, q_pos, axis_name=axis_name)
+        kv_rope, q_rope = query_cache_positions(fn, cache, q_pos, axis_name)
     out, lse = attend_lib.partial_attention(q, q_pos, cache, rule, kv_rope, q_rope)
-    out, lse = attend_lib.merge_partials(out, lse, axis_name)
+    out, lse = merge.merge_partials(out, lse, axis_name)  # the step's one collective
     return attend_lib.finish(q, out, lse, sinks, return_lse)
 
 

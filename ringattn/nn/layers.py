@@ -6,9 +6,13 @@ logical shardings when the model is given a mesh.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ringattn.attention.blockwise import blockwise_attention
 from ringattn.attention.reference import reference_attention
@@ -23,10 +27,20 @@ from ringattn.parallel.api import context_parallel_attention
 
 
 def constrain(x, names, cfg: ModelConfig, mesh):
-    """Shard activation `x` as its logical axis `names` map to `mesh` (no-op without a mesh)."""
+    """Shard activation `x` as its logical axis `names` map to `mesh` (no-op without a mesh).
+
+    A dimension that does not split evenly over its mesh axes stays whole on them: a decode
+    step's one token (act_length) is replicated over the context axis, as the sharded cache's
+    attention wants it, instead of padded to one token a device, which would cost collectives
+    around every norm and projection."""
     if mesh is None:
         return x
-    return nn.with_logical_constraint(x, names, rules=cfg.rules, mesh=mesh)
+    spec = nn.logical_to_mesh_axes(names, cfg.rules)
+    even = []
+    for size, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), strict=True):
+        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        even.append(axes if size % math.prod(mesh.shape[a] for a in group) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*even)))
 
 
 def param(module, name, shape, names, cfg: ModelConfig, init=None):
@@ -154,6 +168,14 @@ def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT
     )  # fmt: skip
 
 
+def project_out(o_BTHD, w_HDE):
+    """The attention output projection, heads and head dim contracted as one axis: both
+    reshapes are free, where the two-axis einsum made XLA:CPU transpose the weights (and the
+    output) on every call, a copy of the weights per decode step."""
+    b, t, h, d = o_BTHD.shape
+    return jnp.einsum("btf,fe->bte", o_BTHD.reshape(b, t, h * d), w_HDE.reshape(h * d, -1))
+
+
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (never repeated).
 
@@ -203,7 +225,7 @@ class Attention(nn.Module):
             o_BTHD = cached_attention(
                 cfg, self.mesh, q_BTHD, positions_BT, cache, rope, self.window, sinks_H
             )
-            return jnp.einsum("bthd,hde->bte", o_BTHD.astype(dt), wo.astype(dt)), cache
+            return project_out(o_BTHD.astype(dt), wo.astype(dt)), cache
         q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
         k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
         names = ("act_batch", "act_length", "act_heads", "head_dim")
@@ -217,13 +239,13 @@ class Attention(nn.Module):
                 self.window, sinks_H, cache_bound,
             )  # fmt: skip
             o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
-            return jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt)), cache
+            return project_out(o_BTHD, wo.astype(dt)), cache
         o_BTHD = attention(
             cfg, self.mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, self.window,
             sinks_H,
         )  # fmt: skip
         o_BTHD = constrain(o_BTHD.astype(dt), names, cfg, self.mesh)
-        out_BTE = jnp.einsum("bthd,hde->bte", o_BTHD, wo.astype(dt))
+        out_BTE = project_out(o_BTHD, wo.astype(dt))
         if cache is None:
             return out_BTE
         stored_k = unrotated_k_BTKD if rotate_later else k_BTKD

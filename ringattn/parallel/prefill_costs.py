@@ -12,9 +12,9 @@ in different orders:
   pass_q   step s: device r, queries r - s, source r. n - 1 hops of the queries (overlapping)
            and of their f32 (out, lse) state (exposed: the next step needs it), one hop home, and
            an all-gather of the chunk's K/V to write it.
-  decode   one step: device r, every query, source r. All-gathers of the queries and of the
-           chunk's K/V, all-reduces of lse and a reduce-scatter of out: all exposed, 5
-           collectives.
+  decode   one step: device r, every query, source r. One all-gather of the queries and the
+           chunk's K/V together, one all-to-all of each device's rows of the partial (out, lse):
+           both exposed, 2 collectives.
 
 Per hop pass_kv moves (P + c) / n tokens' K/V (2 K D bytes each with GQA's K heads), pass_q
 c / n queries' H D bytes plus their 4 H D bytes of state: pass_q wins when the chunk is short
@@ -122,15 +122,15 @@ def estimate(
         f"{n} steps, {c} queries and their state a hop",
     )
     gather_q = (n - 1) / n * b * q_len * (h * d * e + 8)
-    # lse all-reduced (max, then sum), out reduce-scattered: each device keeps its own rows
-    reduce = (n - 1) / n * b * q_len * h * (d + 4) * f32
+    # (out, lse) partials all-to-all: each device receives its own rows from the n - 1 others
+    exchange = (n - 1) / n * b * q_len * h * (d + 1) * f32
     per_device = area.sum(axis=0)  # every query against its own source
-    moved = gather_q + gather_kv + reduce
+    moved = gather_q + gather_kv + exchange
     out["decode"] = (
         per_device.max() * flops_per_pair,
         moved,
-        5,
-        moved / bw + 5 * lat,
+        2,
+        moved / bw + 2 * lat,
         b * q_len * (h * d * e + 2 * h * (d + 1) * f32 + tok),
         float(total / (n * per_device.max())) if total else 1.0,
         "one step, every query on every device",

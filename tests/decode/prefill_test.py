@@ -209,6 +209,26 @@ def test_pass_kv_sends_only_the_bounded_prefix():
     assert "f32[1,64,2,8]" in sent(None) and "f32[1,5,2,8]" not in sent(None)
 
 
+@pytest.mark.parametrize("strategy", ["decode", "pass_q"])
+def test_collectives_of_decode_and_pass_q(helpers, strategy):
+    """decode: one all-gather (the queries with their positions and segments, and the chunk's
+    K/V to write, packed together) and one all-to-all (each device's rows of every device's
+    partial (out, lse)): the fewest, since queries must reach every source and results come
+    back. pass_q: its n - 1 hops of the queries and their state, one hop home, and one
+    all-gather of the chunk to write."""
+    n, f32 = 8, jnp.float32
+    mesh = jax.make_mesh((n,), ("context",))
+    cache = cache_lib.init_cache("full", 1, n * 8, K, D, f32, cache_layout="striped", num_shards=n)
+    q, k = jnp.zeros((1, 16, H, D), f32), jnp.zeros((1, 16, K, D), f32)
+    pos = jnp.arange(16, dtype=jnp.int32)[None] + 40
+    f = jax.jit(lambda *a: prefill.prefill_on_mesh(*a, mesh=mesh, strategy=strategy))
+    ops = [op for op, _ in helpers.collectives(f.lower(q, k, k, pos, cache).compile().as_text())]
+    if strategy == "decode":
+        assert sorted(ops) == ["all-gather", "all-to-all"]
+    else:
+        assert ops.count("all-gather") == 1 and set(ops) == {"all-gather", "collective-permute"}
+
+
 def test_bad_arguments():
     full = cache_lib.init_cache("full", B, S, K, D, jnp.float32)
     window = cache_lib.init_cache("window", B, None, K, D, jnp.float32, window=8)

@@ -140,3 +140,26 @@ def test_attend_and_decode_steps_past_the_end():
     k1, v1, _ = _kv(1)
     with pytest.raises(ValueError, match="reaches position 16"):
         cache_lib.update(cache, k1, v1, jnp.full((B, 1), S, jnp.int32))
+
+
+def test_a_window_cache_attended_before_its_queries_were_written(helpers):
+    """A sharded window cache takes its StreamingLLM positions from the newest query (no
+    collective): queries older than what the cache holds break that promise, which the debug
+    switch catches; queries just written keep it."""
+    mesh = helpers.ring_mesh(4, "context")
+    cache = cache_lib.init_cache("window", B, None, K, D, jnp.float32, window=8)
+    cache = sharded.shard_cache(cache, mesh, "context")
+    k, v, pos = _kv(6)
+    cache = sharded.update_on_mesh(cache, k, v, pos, mesh=mesh, axis_name="context")
+    rope = lambda x, p: x * jnp.cos(p[..., None, None] * 0.1).astype(x.dtype)  # noqa: E731
+    attend = jax.jit(
+        lambda q, p, c: sharded.attend_on_mesh(q, p, c, mesh=mesh, axis_name="context", rope=rope)
+    )
+    q = jnp.ones((B, 1, 4, D))
+    with ringattn.debug_checks():
+        err, _ = checkify.checkify(attend)(q, jnp.full((B, 1), 3, jnp.int32), cache)
+    with pytest.raises(Exception, match="newest query position .3. is not the newest .* .5."):
+        err.throw()
+    with ringattn.debug_checks():
+        err, _ = checkify.checkify(attend)(q, pos[:, -1:], cache)
+    err.throw()

@@ -118,6 +118,34 @@ def test_sharded_cache_decoding_equals_single_device():
     assert {s.data.shape[1] for s in caches[0].k.addressable_shards} == {T // 4}
 
 
+SINK = gen.CacheSpec("sink_window", num_sinks=2, window=14)  # 16 slots: 4 a device
+
+
+def test_sharded_sink_cache_decoding_equals_single_device():
+    """A sink + window cache sharded over context: the window's StreamingLLM positions, taken
+    from the queries (no collective), give the single-device logits after the window wraps."""
+    mesh = make_mesh(dict(data=2, context=4))
+    got, _ = decode_logits(RING, SINK, mesh)
+    want, _ = decode_logits(CFG, SINK)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert_close_where_decoded(got, want)
+
+
+@pytest.mark.parametrize("spec", [gen.CacheSpec("full", max_len=T), SINK], ids=["full", "sink"])
+def test_sharded_decode_step_is_one_collective_per_layer(helpers, spec):
+    """The whole model's compiled decode step on a (data 2, context 4) mesh: one all-gather per
+    layer, of the partial (out, lse) of the row's one query [4 devices, B / 2, 1, H, D + 1],
+    and no other collective (the step's activations stay replicated over context)."""
+    mesh = make_mesh(dict(data=2, context=4))
+    _, step = stepper(RING, mesh)
+    caches = gen.init_caches(RING, spec, B, mesh)
+    tok, pos = tokens()[:, :1], np.full((B, 1), 3, np.int32)
+    hlo = step.lower(params(), tok, pos, caches).compile().as_text()
+    h, d = RING.num_heads, RING.head_dim
+    merge = ("all-gather", {(4, B // 2, 1, h, d + 1)})
+    assert helpers.collectives(hlo) == [merge] * RING.num_layers
+
+
 @pytest.mark.parametrize("num_sinks", [0, 2])
 def test_sink_cache_equals_recomputation_on_kept_tokens(num_sinks):
     """One layer (so cached K/V do not depend on what earlier tokens saw): decoding through a

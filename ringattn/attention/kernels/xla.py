@@ -136,6 +136,13 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKE, qs: Side, ks: Side, o_BTKGE, 
     def q_block(i, carry):
         o_BTKGE, lse_BKGT = carry
         q_ = _rows(_tile(q_BTKGD, i, bq, cfg.dtype))
+        # Wide floats take the softmax scale here, once a query block (fused into its copy):
+        # the scores then come straight out of the product, where XLA:CPU otherwise wrote them
+        # once more, scaled, for the row max and the exponential to read. (Narrow floats keep
+        # the scale on the f32 scores: scaling q in bf16 would round it once more.)
+        scale = cfg.scale
+        if jnp.dtype(cfg.dtype).itemsize >= 4:
+            q_, scale = q_ * jnp.asarray(scale, q_.dtype), 1.0
         # (o, lse) is the flash state (acc = o, max = lse, sum = 1): continuing it is exact. A
         # query that saw nothing has lse = LSE_NONE, which any real score replaces (corr = 0).
         acc = _rows(lax.dynamic_slice_in_dim(o_BTKGE, i * bq, bq, 1))
@@ -147,7 +154,7 @@ def fwd_pass(cfg: Config, q_BTKGD, k_BSKD, v_BSKE, qs: Side, ks: Side, o_BTKGE, 
             k_ = _tile(k_BSKD, j, bk, cfg.dtype)
             v_ = _tile(v_BSKE, j, bk, cfg.dtype)
             qk = jnp.einsum("bkrd,bskd->bkrs", q_, k_, preferred_element_type=acc_dtype)
-            s, _ = logits(qk, cfg.scale, cfg.soft_cap)
+            s, _ = logits(qk, scale, cfg.soft_cap)
             if masked:
                 s = jnp.where(_rows_mask(_tile_mask(cfg, qs, ks, i, j), g), s, LSE_NONE)
             m_new = jnp.maximum(m, s.max(-1))
