@@ -19,7 +19,10 @@ On a mesh (`sharded_*` inside jax.shard_map, `*_on_mesh` over global arrays) the
 striped over the context axis; each device scores its own pages and keeps its top ones, one
 all-gather of those scores ([B, K, blocks, top_pages] per device) picks the global top pages,
 each device attends to the chosen pages it holds (no page's K/V moves) and to its part of the
-sinks and window, and the partial results merge through lse: two collectives per layer and step.
+sinks and window, and the partial results merge through lse (attend.merge_partials): a step
+moves the scores and the per-query results, nothing of the cache. Each device gathers up to
+top_pages pages (all the global top ones may be its own), so a step's time on n devices is at
+most one device's reading top_pages pages and window / n.
 
 RoPE: keys are stored rotated at their text positions and queries rotate at theirs, as in a full
 cache (InfLLM gives retrieved blocks one fixed position instead); so `attend` takes no `rope`.
@@ -137,7 +140,7 @@ def _pages_attention(cache, q, q_pos, rule, page_BKNC, chosen_BKNC):
 def by_position(q, q_pos):
     """(q, q_pos, order): each row's queries sorted by position, padding last, so that blocks
     of consecutive queries are blocks of consecutive positions whatever the order the queries
-    came in (a context-parallel layout); `order` puts them back (`unsort`)."""
+    came in (a context-parallel layout); `order` puts them back (_unsort)."""
     key = jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max)
     order = jnp.argsort(key, axis=1, stable=True)
     q = jnp.take_along_axis(q, order[..., None, None], 1)

@@ -8,6 +8,7 @@ runs 3 positions behind row 0 (its first tokens are padding), so rows are ragged
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -343,3 +344,82 @@ def test_lowers_for_accelerators(helpers, platform):
     with ringattn.target_platform(platform):
         text = jax.jit(one).trace(q, k, pos, host).lower(lowering_platforms=(platform,)).as_text()
     assert 'mhlo.memory_kind = "pinned_host"' in text
+
+
+def test_sharded_step_moves_only_scores_and_results(helpers):
+    """A decode step on 8 devices: one all-gather, of each device's top page scores
+    ([B, K, 1, 8 x top_pages]), and the merge's all-reduces of per-query values; no page moves."""
+    mesh = helpers.ring_mesh(8, AXIS)
+    cache = retrieval.init_cache(
+        1, 2048, 2, D, num_sinks=4, window=60, page_size=16, top_pages=4, num_shards=8
+    )
+    cache = retrieval.shard_cache(cache, mesh, AXIS)
+    q, k = jnp.zeros((1, 1, H, D)), jnp.zeros((1, 1, 2, D))
+    pos = jnp.full((1, 1), 700, jnp.int32)
+    hlo = step_fn(mesh).lower(cache, q, k, k, pos).compile().as_text()
+    collectives = [
+        line
+        for line in hlo.splitlines()
+        if re.search(
+            r" (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)\(", line
+        )
+    ]
+    gathers = [line for line in collectives if " all-gather(" in line]
+    assert len(gathers) == 1 and (1, 2, 1, 32) in helpers.hlo_shapes(gathers[0].split("=")[1]), (
+        gathers
+    )
+    for line in collectives:
+        assert " all-gather(" in line or " all-reduce(" in line, line
+        shapes = helpers.hlo_shapes(line.split("=")[1].split("(")[0])
+        assert all(np.prod(s) < 16 * 2 * D for s in shapes), line  # less than one page
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_pages_in_host_memory(helpers, n):
+    """host_pages: the store stays in host memory ("pinned_host") through update and attend, on
+    one device and striped over 8, the bounds on the device, and the results are the
+    device-memory cache's exactly."""
+    data = stream(2, np.float32)
+    cfg = dict(num_sinks=2, window=3, page_size=4, top_pages=2, num_shards=n)
+    mesh = None if n == 1 else helpers.ring_mesh(n, AXIS)
+    results = []
+    for host in (False, True):
+        cache = retrieval.init_cache(B, 32, 2, D, **cfg, host_pages=host)
+        if mesh is not None:
+            cache = retrieval.shard_cache(cache, mesh, AXIS)
+        out, cache = run(cache, data, CHUNKS["chunks"], mesh)
+        results.append(out)
+    assert cache.k.sharding.memory_kind == "pinned_host" == cache.pos.sharding.memory_kind
+    assert cache.k_min.sharding.memory_kind == "device"
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_rejects_bad_arguments(helpers):
+    cache = retrieval.init_cache(B, 16, 2, D, num_sinks=2, window=3, page_size=4, top_pages=2)
+    q, pos = jnp.zeros((B, 2, H, D)), jnp.asarray([[3, 4]] * B, jnp.int32)
+    k = jnp.zeros((B, 2, 2, D))
+    with pytest.raises(ValueError, match="`page_size`"):
+        retrieval.init_cache(B, 16, 2, D, page_size=0)
+    with pytest.raises(ValueError, match="`num_sinks`"):
+        retrieval.init_cache(B, 16, 2, D, num_sinks=16)
+    with pytest.raises(TypeError, match="`cache`"):
+        retrieval.attend(q, pos, cache_lib.init_cache("full", B, 16, 2, D))
+    with pytest.raises(ValueError, match="`causal`"):
+        retrieval.attend(q, pos, cache, causal=False)
+    with pytest.raises(TypeError, match="rope"):
+        retrieval.attend(q, pos, cache, rope=lambda x, p: x)
+    with pytest.raises(ValueError, match="`q`"):
+        retrieval.attend(q[..., :3, :], pos, cache)
+    with pytest.raises(ValueError, match="`k_new`"):
+        retrieval.update(cache, k[..., :1], k, pos)
+    with pytest.raises(ValueError, match="consecutive"):  # a promise, checked when eager
+        retrieval.attend(q, jnp.asarray([[3, 5]] * B, jnp.int32), cache)
+    with pytest.raises(ValueError, match="past the end"):
+        retrieval.update(cache, k, k, jnp.asarray([[15, 16]] * B, jnp.int32))
+    with pytest.raises(ValueError, match="num_shards=1"):
+        striped = retrieval.init_cache(B, 64, 2, D, num_shards=4, page_size=4)
+        retrieval.attend(q, pos, striped)
+    mesh = helpers.ring_mesh(4, AXIS)
+    with pytest.raises(ValueError, match="num_shards=4"):
+        retrieval.attend_on_mesh(q, pos, cache, mesh=mesh, axis_name=AXIS)
