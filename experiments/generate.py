@@ -8,6 +8,13 @@ with the KV cache sharded along the sequence over the devices (it never moves).
   python experiments/generate.py --workdir=/tmp/passkey --prompt_file=long.txt --prefill_chunk=512
   python experiments/generate.py --workdir=~/.cache/ringattn/smollm2/run --chat \
       --prompt="What is the capital of France?"
+  python experiments/generate.py --workdir=~/.cache/ringattn/smollm2/run --prompt_file=long.txt \
+      --cache=retrieval --window=252 --page_size=64 --top_pages=12 --prefill_chunk=256
+
+--cache picks the KV cache: full, sink_window / window (StreamingLLM: --num_sinks, --window), or
+retrieval (ringattn/decode/retrieval.py: every token kept in pages of --page_size, each step
+attending to the sinks, the --window and the --top_pages pages whose keys promise the highest
+scores).
 
 Prompts are encoded with the run's tokenizer (ringattn/hf/tokenizer.py: an imported model's own,
 bytes for our runs); --chat applies the model's chat template. Generation stops at its end-of-
@@ -30,9 +37,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample at this temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_CACHE = flags.DEFINE_enum("cache", "full", ["full", "sink_window", "window"], "KV cache kind.")
-_NUM_SINKS = flags.DEFINE_integer("num_sinks", 4, "sink_window: tokens kept from the start.")
-_WINDOW = flags.DEFINE_integer("window", 1020, "sink_window / window: recent tokens kept.")
+_CACHE = cli.cache_flags()
 _INT8 = flags.DEFINE_bool("int8", False, "Store K/V in int8 with per-token, per-head scales.")
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None, "Prefill the prompt this many tokens at a time (default: at once)."
@@ -58,13 +63,7 @@ def main(argv):
     if _CHAT.value:
         text = tok.apply_chat_template([{"role": "user", "content": text}])
     prompt = tok.encode(text, add_special_tokens=not _CHAT.value)
-    if _CACHE.value == "full":
-        spec = gen.CacheSpec("full", max_len=len(prompt) + _MAX_NEW.value, quantize=_INT8.value)
-    else:
-        sinks = _NUM_SINKS.value if _CACHE.value == "sink_window" else 0
-        spec = gen.CacheSpec(
-            _CACHE.value, num_sinks=sinks, window=_WINDOW.value, quantize=_INT8.value
-        )
+    spec = cli.cache_spec(_CACHE, len(prompt) + _MAX_NEW.value, _INT8.value)
     model = gen.decoding_model(run.model_cfg, run.mesh)
     params = gen.decoding_params(run.model_cfg, run.params)
     caches = gen.init_caches(run.model_cfg, spec, 1, run.mesh)

@@ -11,10 +11,20 @@ natural-language passkey prompt (ringattn/evals/needle.py) at its trained length
   python experiments/needle.py --workdir=~/.cache/ringattn/smollm2/run --out=/tmp/needle_smollm2 \
       --lengths=1024,2048,4096,8192 --num_samples=1
 
-Writes DIR/needle.json (a list of {rope_scaling, length, depth, accuracy, num_samples}) and
-DIR/needle.png. Lengths default to 1x, 2x and 4x the run's training length; beyond it each
---rope_scaling stretches RoPE by length / training length (at the training length all are the
-identity).
+A bounded KV cache streams each prompt through itself --prefill_chunk tokens at a time (never
+attended densely) and answers from it: --cache=sink_window (--num_sinks, --window) or
+--cache=retrieval (--window, --page_size, --top_pages: ringattn/decode/retrieval.py); --plot
+draws several runs' needle.json side by side:
+
+  python experiments/needle.py --workdir=~/.cache/ringattn/smollm2/run --out=/tmp/needle_ret \
+      --lengths=2048,4096,8192 --num_samples=1 --cache=retrieval --window=252 --top_pages=12
+  python experiments/needle.py --plot=/tmp/needle_smollm2/needle.json,/tmp/needle_ret/needle.json \
+      --out=/tmp/needle_both
+
+Writes DIR/needle.json (a list of {cache, tokens_attended, cache_mib, rope_scaling, length,
+depth, accuracy, num_samples}) and DIR/needle.png. Lengths default to 1x, 2x and 4x the run's
+training length; beyond it each --rope_scaling stretches RoPE by length / training length (at the
+training length all are the identity).
 """
 
 import json
@@ -40,11 +50,20 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices (default: all).")
 _INT8 = flags.DEFINE_bool("int8", False, "Decode with int8 KV caches.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt seed (evaluation prompts, not training ones).")
+_CACHE = cli.cache_flags()
+_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 256, "Bounded caches: prompt tokens streamed through the cache per step."
+)
+_PLOT = flags.DEFINE_list(
+    "plot", None, "Only plot these needle.json files together (a panel per cache) into --out."
+)
 _CPU_DEVICES = cli.num_cpu_devices()
 
 
 def main(argv):
     del argv
+    if _PLOT.value:
+        return plot(_PLOT.value)
     cli.start(_CPU_DEVICES, _WORKDIR, _OUT)  # before anything starts JAX's backend
     from ringattn.evals import needle
     from ringattn.hf.tokenizer import HFTokenizer
@@ -69,12 +88,27 @@ def main(argv):
         seed=_SEED.value,
         quantize=_INT8.value,
         tokenizer=tokenizer,
+        caches=[cli.cache_spec(_CACHE, quantize=_INT8.value)],
+        prefill_chunk=_CHUNK.value,
     )
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "needle.json"), "w") as f:
         json.dump(rows, f, indent=1)
     needle.plot_heatmap(rows, os.path.join(_OUT.value, "needle.png"))
     print(f"wrote {_OUT.value}/needle.json and needle.png in {time.perf_counter() - t0:.0f} s")
+
+
+def plot(files):
+    cli.start(_CPU_DEVICES, _OUT)
+    from ringattn.evals import needle
+
+    rows = []
+    for path in files:
+        with open(os.path.expanduser(path)) as f:
+            rows += json.load(f)
+    os.makedirs(_OUT.value, exist_ok=True)
+    needle.plot_heatmap(rows, os.path.join(_OUT.value, "needle.png"))
+    print(f"wrote {_OUT.value}/needle.png from {len(rows)} rows")
 
 
 if __name__ == "__main__":

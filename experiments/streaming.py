@@ -17,7 +17,9 @@ A pretrained model (an imported run with its tokenizer) streams real text instea
 
 each file one stream (its first --stream_multiple x --cache_len tokens, encoded with the run's
 tokenizer); --recompute_stride=k reruns the sliding window at every k-th position only (the
-summary is then over those positions for every method).
+summary is then over those positions for every method). --methods=...,retrieval adds a retrieval
+cache (ringattn/decode/retrieval.py) attending to --cache_len tokens per step: --num_sinks sinks,
+--top_pages pages of --page_size chosen by their key bounds, the rest a window.
 
 Writes DIR/streaming_nll.npz (the streams and every method's per-token NLL), DIR/streaming.json
 (per-bin perplexities; "summary": perplexity once the cache is full per
@@ -48,6 +50,15 @@ _TEXT_FILES = flags.DEFINE_list(
     "text_files", None, "Stream these files (one stream each) through the run's tokenizer."
 )
 _STRIDE = flags.DEFINE_integer("recompute_stride", 1, "Recompute the window every k positions.")
+_METHODS = flags.DEFINE_list(
+    "methods",
+    ["dense", "window", "sink_window", "recompute"],
+    "Methods to run: dense, window, sink_window, recompute, retrieval.",
+)
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "retrieval: tokens per page.")
+_TOP_PAGES = flags.DEFINE_integer(
+    "top_pages", 8, "retrieval: pages attended per step (the window is the rest of cache_len)."
+)
 _CPU_DEVICES = cli.num_cpu_devices()
 
 
@@ -75,7 +86,9 @@ def main(argv):
         cache_len=cache_len,
         num_sinks=_NUM_SINKS.value,
         bin_size=_BIN.value,
+        methods=tuple(_METHODS.value),
         recompute_stride=_STRIDE.value,
+        pages=dict(page_size=_PAGE_SIZE.value, top_pages=_TOP_PAGES.value),
     )
     if _SINKS_RUN.value:
         sinks = load_run(_SINKS_RUN.value, num_devices=1)

@@ -60,3 +60,46 @@ def open_run(workdir, config=None, num_devices=None):
 
     workdir = os.path.expanduser(workdir)
     return load_run(workdir, config=config, num_devices=num_devices), load_tokenizer(workdir)
+
+
+CACHES = ("full", "sink_window", "window", "retrieval")
+
+
+def cache_flags(window=1020):
+    """The KV cache flags of generate and needle: --cache (a kind, ringattn/decode/), --num_sinks,
+    --window (sink_window, window, retrieval: recent tokens kept exactly), --page_size,
+    --top_pages and --selection_block (retrieval). Returns their holders; `cache_spec` reads
+    them."""
+    return dict(
+        kind=flags.DEFINE_enum("cache", "full", list(CACHES), "KV cache kind."),
+        num_sinks=flags.DEFINE_integer(
+            "num_sinks", 4, "sink_window / retrieval: tokens kept from the start."
+        ),
+        window=flags.DEFINE_integer(
+            "window", window, "sink_window / window / retrieval: recent tokens kept."
+        ),
+        page_size=flags.DEFINE_integer("page_size", 64, "retrieval: tokens per page."),
+        top_pages=flags.DEFINE_integer(
+            "top_pages", 12, "retrieval: pages attended per step, chosen by their key bounds."
+        ),
+        selection_block=flags.DEFINE_integer(
+            "selection_block", 16, "retrieval: prompt tokens of a chunk sharing one selection."
+        ),
+    )
+
+
+def cache_spec(holders, max_len=None, quantize=False):
+    """The CacheSpec (ringattn/evals/generate.py) the `cache_flags` holders say; `max_len` for
+    the kinds that hold every token (full, retrieval)."""
+    from ringattn.evals.generate import CacheSpec
+
+    kind = holders["kind"].value
+    if kind == "full":
+        return CacheSpec("full", max_len=max_len, quantize=quantize)
+    opts = {name: holders[name].value for name in ("num_sinks", "window")}
+    if kind == "window":
+        opts["num_sinks"] = 0
+    if kind == "retrieval":
+        opts.update({n: holders[n].value for n in ("page_size", "top_pages", "selection_block")})
+        opts["max_len"] = max_len
+    return CacheSpec(kind, quantize=quantize, **opts)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ringattn import deprecation
 from ringattn.decode import cache as cache_lib
-from ringattn.decode import sharded
+from ringattn.decode import retrieval, sharded
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.layers import cache_batch_axes, shards_cache
 from ringattn.nn.model import Transformer
@@ -41,7 +41,11 @@ PAD = 0
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
     """What cache every layer gets (ringattn/decode/cache.py): "full" holds `max_len` tokens,
-    "sink_window" `num_sinks` + `window` (StreamingLLM), "window" the last `window` only.
+    "sink_window" `num_sinks` + `window` (StreamingLLM), "window" the last `window` only;
+    "retrieval" (ringattn/decode/retrieval.py) holds `max_len` tokens in pages of `page_size`
+    and each step attends to `num_sinks` + `window` + `top_pages` x `page_size` of them
+    (`selection_block` queries of a prompt chunk share one page selection; `host_pages` keeps
+    the pages in host memory).
     `dtype`: stored K/V (or, with `quantize`, what int8 + float32 scales stand for).
     `cache_layout`: where a full cache sharded over n devices keeps positions; None is
     `init_cache`'s default, "striped" (round-robin), which keeps every prefix of the stream spread
@@ -56,6 +60,10 @@ class CacheSpec:
     dtype: str = "float32"
     cache_layout: str | None = None
     layout: dataclasses.InitVar[str | None] = None  # the deprecated name of cache_layout
+    page_size: int = 64
+    top_pages: int = 12
+    selection_block: int | None = 16
+    host_pages: bool = False
 
     def __post_init__(self, layout):
         if layout is not None:
@@ -89,6 +97,8 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
     """One empty cache per layer; on a mesh, created directly sharded along the sequence over
     the context axis. A full cache's `max_len` is rounded up to a multiple of the shards."""
     n = num_shards(cfg, mesh)
+    if spec.kind == "retrieval":
+        return _retrieval_caches(cfg, spec, batch, mesh)
     max_len = spec.max_len
     if spec.kind == "full" and isinstance(max_len, int) and max_len > 0:
         max_len = -(-max_len // n) * n
@@ -118,6 +128,23 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
             init, out_shardings=sharded.cache_sharding(jax.eval_shape(init), mesh, *axes)
         )
     return [init() for _ in range(cfg.num_layers)]  # distinct buffers: each may be donated
+
+
+def _retrieval_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh):
+    """init_caches of a retrieval spec: its pages striped over the shards."""
+    n = num_shards(cfg, mesh)
+    init = functools.partial(
+        retrieval.init_cache, batch, spec.max_len, cfg.num_kv_heads, cfg.head_dim,
+        jnp.dtype(spec.dtype), num_sinks=spec.num_sinks, window=spec.window,
+        page_size=spec.page_size, top_pages=spec.top_pages, selection_block=spec.selection_block,
+        quantize=spec.quantize, v_head_dim=cfg.value_dim, num_shards=n,
+        host_pages=spec.host_pages,
+    )  # fmt: skip
+    if n > 1:
+        axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))
+        shardings = retrieval.cache_sharding(jax.eval_shape(init), mesh, *axes)
+        init = jax.jit(init, out_shardings=shardings)
+    return [init() for _ in range(cfg.num_layers)]
 
 
 def prompt_batch(prompts, multiple=1):
@@ -199,13 +226,22 @@ def chunk_bound(start, chunk):
     return chunk * (1 << (-(-start // chunk) - 1).bit_length())
 
 
+def stream_bound(caches, start, chunk):
+    """The cache bound a chunk from `start` is compiled for: `chunk_bound` when a cache is full
+    (its chunked prefill reads the bound); for window and retrieval caches, which take chunks as
+    decode steps, only empty (0) or not (None) matters: two compilations for any prompt."""
+    if any(c.kind == "full" for c in caches):
+        return chunk_bound(start, chunk)
+    return 0 if start == 0 else None
+
+
 def prefill_in_chunks(pre, params, batch, caches, chunk):
     """`prefill` of `batch` `chunk` tokens at a time: `pre(params, piece, caches, cache_bound)`
-    is prefill (jitted with a static cache_bound, `chunk_bound`). Returns (logits after each
+    is prefill (jitted with a static cache_bound, `stream_bound`). Returns (logits after each
     row's last token, caches)."""
     logits_BV = None
     for piece, start, ends_B in chunks(batch, chunk):
-        logits, caches = pre(params, piece, caches, chunk_bound(start, chunk))
+        logits, caches = pre(params, piece, caches, stream_bound(caches, start, chunk))
         logits_BV = logits if logits_BV is None else jnp.where(ends_B[:, None], logits, logits_BV)
     return logits_BV, caches
 
@@ -274,12 +310,13 @@ def generate(
         raise ValueError(f"generate: `max_new_tokens` must be >= 1, got {max_new_tokens}.")
     # The cache holds the prompt and every new token but the last (sampled, never fed back).
     need = int(np.max(batch["lengths"])) + max_new_tokens - 1
-    full = [c.num_slots for c in caches if c.kind == "full"]
+    full = [c.num_slots for c in caches if c.kind in ("full", "retrieval")]
     if full and need > min(full):
         raise ValueError(
             f"generate: the longest prompt plus `max_new_tokens` ({max_new_tokens}) needs {need} "
-            f"cache positions (every new token but the last is written), but the 'full' caches "
-            f"hold {min(full)}; make them longer (CacheSpec max_len) or generate fewer."
+            f"cache positions (every new token but the last is written), but the full "
+            f"(or retrieval) caches hold {min(full)}; make them longer (CacheSpec max_len) or "
+            "generate fewer."
         )
     multiple = pad_multiple(model.cfg, model.mesh)
     if prefill_chunk is not None and (prefill_chunk < 1 or prefill_chunk % multiple):
@@ -295,7 +332,7 @@ def generate(
         run_prefill = lambda c: compiled[0](params, batch, c)  # noqa: E731
     else:
         pieces = list(chunks(batch, prefill_chunk))
-        bounds = {chunk_bound(start, prefill_chunk) for _, start, _ in pieces}
+        bounds = {stream_bound(caches, start, prefill_chunk) for _, start, _ in pieces}
         compiled = {b: pre.lower(params, pieces[0][0], caches, b).compile() for b in bounds}
         run_prefill = lambda c: prefill_in_chunks(  # noqa: E731
             lambda p, piece, c, bound: compiled[bound](p, piece, c), params, batch, c,

@@ -14,8 +14,10 @@ import dataclasses
 import re
 import time
 
+import jax
 import numpy as np
 
+from ringattn.decode import cache as cache_lib
 from ringattn.evals import generate as gen
 from ringattn.nn.config import ModelConfig
 from ringattn.train import data as data_lib
@@ -31,6 +33,7 @@ FILLER = (
 )
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+CHUNK = 256  # prompt tokens per prefill step through a bounded cache
 
 
 def with_rope_scaling(cfg: ModelConfig, scaling, length, train_len) -> ModelConfig:
@@ -77,17 +80,52 @@ def text_prompt(tokenizer, rng, length, depth, num_digits=5):
     return np.concatenate(pieces).astype(np.int32), key
 
 
-def answer_accuracy(model, params, cases, mesh=None, quantize=False, tokenizer=None):
+def cache_for(cache, length, quantize=False):
+    """The CacheSpec of one batch: `cache` (a CacheSpec template; None: a full cache) holding
+    `length` tokens when it holds them all (full, retrieval)."""
+    cache = cache or gen.CacheSpec("full")
+    if cache.kind in ("full", "retrieval"):
+        cache = dataclasses.replace(cache, max_len=length)
+    return dataclasses.replace(cache, quantize=quantize or cache.quantize)
+
+
+def tokens_attended(spec, length):
+    """Tokens a decode step of a `length`-token context attends to (per KV head)."""
+    if spec.kind == "full":
+        return length
+    pages = spec.top_pages * spec.page_size if spec.kind == "retrieval" else 0
+    return spec.num_sinks + spec.window + pages
+
+
+def cache_bytes(cfg, spec, length):
+    """Bytes of one prompt's caches (every layer) for a `length`-token context."""
+    shapes = jax.eval_shape(lambda: gen.init_caches(cfg, cache_for(spec, length), 1))
+    return sum(cache_lib.cache_bytes(c) for c in shapes)
+
+
+def answer_accuracy(
+    model, params, cases, mesh=None, quantize=False, tokenizer=None, cache=None, prefill_chunk=None
+):  # fmt: skip
     """(exact-match accuracy, the answers) of greedy decoding: the first len(key) generated
     bytes are the key (with a `tokenizer`: the first number in the decoded answer is).
-    `quantize`: an int8 KV cache."""
+    `quantize`: an int8 KV cache. `cache`: a CacheSpec template (None: full); a bounded one
+    (not "full") streams the prompt through itself `prefill_chunk` tokens at a time, so no
+    prompt is attended densely (the first chunk, attended whole, fits in sinks + window)."""
     cfg = model.cfg
     batch = gen.prompt_batch([p for p, _ in cases], gen.pad_multiple(cfg, mesh))
     steps = MAX_DIGITS + (tokenizer is not None)  # a space before the digits
     length = batch["tokens"].shape[1] + steps
-    spec = gen.CacheSpec("full", max_len=length, quantize=quantize)
+    spec = cache_for(cache, length, quantize)
+    chunk = None
+    if spec.kind != "full":
+        chunk = prefill_chunk or CHUNK
+        if chunk > spec.num_sinks + spec.window:
+            raise ValueError(
+                f"needle: `prefill_chunk` ({chunk}) must fit the {spec.kind} cache's sinks + "
+                f"window ({spec.num_sinks + spec.window}): the first chunk is attended whole."
+            )
     caches = gen.init_caches(cfg, spec, len(cases), mesh)
-    out = gen.generate(model, params, batch, caches, steps)
+    out = gen.generate(model, params, batch, caches, steps, prefill_chunk=chunk)
     if tokenizer is None:
         answers = [data_lib.decode(t) for t in out["tokens"]]
         right = [a[: len(k)] == k for a, (_, k) in zip(answers, cases, strict=True)]
@@ -111,13 +149,30 @@ def evaluate(
     seed=0,
     quantize=False,
     tokenizer=None,
+    caches=(None,),
+    prefill_chunk=None,
     log=print,
 ):
-    """[{rope_scaling, length, depth, accuracy, num_samples}] over the grid; at the training
-    length every scaling is the identity, so it is measured once and shared. `quantize`: decode
-    with int8 KV caches. `tokenizer`: a pretrained model's, for the natural-language prompt."""
-    rows, cache, seconds, said_by = [], {}, {}, {}
+    """[{cache, tokens_attended, cache_mib, rope_scaling, length, depth, accuracy,
+    num_samples}] over the grid, for each of `caches` (CacheSpec templates; None: full; see
+    answer_accuracy for `prefill_chunk`); at the training length every scaling is the identity,
+    so it is measured once and shared. `quantize`: decode with int8 KV caches. `tokenizer`: a
+    pretrained model's, for the natural-language prompt."""
     params = gen.decoding_params(cfg, params)
+    rows = []
+    for spec in caches:
+        rows += _evaluate_cache(
+            cfg, params, mesh, spec or gen.CacheSpec("full"), train_len, lengths, depths,
+            scalings, num_samples, batch_size, seed, quantize, tokenizer, prefill_chunk, log,
+        )  # fmt: skip
+    return rows
+
+
+def _evaluate_cache(
+    cfg, params, mesh, spec, train_len, lengths, depths, scalings, num_samples, batch_size, seed,
+    quantize, tokenizer, prefill_chunk, log,
+):  # fmt: skip
+    rows, cache, seconds, said_by = [], {}, {}, {}
     for scaling in scalings:
         for length in lengths:
             key = "none" if length <= train_len else scaling
@@ -130,13 +185,18 @@ def evaluate(
                     right, answers = 0.0, []
                     for i in range(0, num_samples, batch_size):
                         part = cases[i : i + batch_size]
-                        acc, said = answer_accuracy(model, params, part, mesh, quantize, tokenizer)
+                        acc, said = answer_accuracy(
+                            model, params, part, mesh, quantize, tokenizer, spec, prefill_chunk
+                        )
                         right, answers = right + acc * len(part), answers + said
                     cache[key, length, depth] = right / num_samples
                     keys = [k for _, k in cases]
                     said_by[key, length, depth] = [list(x) for x in zip(keys, answers, strict=True)]
                     seconds[key, length, depth] = time.perf_counter() - t0
                 row = dict(
+                    cache=spec.kind,
+                    tokens_attended=tokens_attended(spec, length),
+                    cache_mib=round(cache_bytes(cfg, spec, length) / 2**20, 2),
                     rope_scaling=scaling,
                     length=int(length),
                     depth=float(depth),
@@ -147,17 +207,20 @@ def evaluate(
                 )
                 rows.append(row)
                 log(
-                    f"{scaling:>7} length {length:6d} depth {depth:.2f}: "
+                    f"{spec.kind:>11} {scaling:>7} length {length:6d} depth {depth:.2f}: "
                     f"accuracy {row['accuracy']:.3f} ({row['seconds']:.0f} s)"
                 )
     return rows
 
 
 def plot_heatmap(rows, path=None, title="Needle in a haystack: exact match"):
-    """One panel per RoPE scaling: depth (rows) x length (columns), accuracy in each cell."""
+    """One panel per RoPE scaling (or per cache, when the rows have several): depth (rows) x
+    length (columns), accuracy in each cell."""
     import matplotlib.pyplot as plt
 
-    scalings = list(dict.fromkeys(r["rope_scaling"] for r in rows))
+    by_cache = len({r.get("cache", "full") for r in rows}) > 1
+    panel = lambda r: r.get("cache", "full") if by_cache else r["rope_scaling"]  # noqa: E731
+    scalings = list(dict.fromkeys(map(panel, rows)))
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
     fig, axes = plt.subplots(
@@ -171,7 +234,7 @@ def plot_heatmap(rows, path=None, title="Needle in a haystack: exact match"):
     for ax, scaling in zip(axes[0], scalings, strict=True):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for r in rows:
-            if r["rope_scaling"] == scaling:
+            if panel(r) == scaling:
                 grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for (i, j), a in np.ndenumerate(grid):
@@ -179,7 +242,9 @@ def plot_heatmap(rows, path=None, title="Needle in a haystack: exact match"):
         ax.set_xticks(range(len(lengths)), lengths)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_title(f"RoPE: {scaling}", fontsize=10)
+        attended = {r.get("tokens_attended") for r in rows if panel(r) == scaling}
+        name = f"{scaling} ({'/'.join(map(str, sorted(attended)))} tokens/step)"
+        ax.set_title(name if by_cache else f"RoPE: {scaling}", fontsize=10)
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     fig.suptitle(title, fontsize=11)

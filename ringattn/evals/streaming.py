@@ -34,6 +34,10 @@ from ringattn.train.corpus import text_stream
 
 METHODS = ("dense", "window", "sink_window", "recompute")
 LEARNED_SINKS_METHODS = ("window", "recompute")
+# Also run on request: a retrieval cache (ringattn/decode/retrieval.py) attending to cache_len
+# tokens per step: the sinks, top_pages pages of page_size, and the rest of cache_len as window.
+RETRIEVAL = "retrieval"
+PAGES = dict(page_size=16, top_pages=8)
 
 
 def eval_streams(task_params, length, num_streams):
@@ -70,18 +74,41 @@ def text_streams(tokenizer, files, length):
     return np.stack(rows).astype(np.int32)
 
 
-def labels(cache_len, num_sinks):
+def labels(cache_len, num_sinks, pages=None):
+    pages = pages or PAGES
+    p, top = pages["page_size"], pages["top_pages"]
     return dict(
         dense="dense, no eviction",
         window=f"window only ({cache_len})",
         sink_window=f"sink + window ({num_sinks} + {cache_len - num_sinks})",
         recompute=f"sliding window, recomputed ({cache_len})",
+        retrieval=f"retrieval ({num_sinks} + {cache_len - num_sinks - top * p} + {top} x {p})",
     )
 
 
-def method_nll(model, params, streams_BL, method, cache_len, num_sinks, recompute_stride=1):
-    """NLL [B, L - 1] of each next token under one of METHODS (recompute: NaN at the positions
-    its stride skips)."""
+def retrieval_spec(cache_len, num_sinks, length, page_size, top_pages):
+    """The retrieval cache of a stream of `length` tokens attending to cache_len per step."""
+    window = cache_len - num_sinks - top_pages * page_size
+    if window < 1:
+        raise ValueError(
+            f"streaming: a retrieval cache of cache_len {cache_len} has no room for a window "
+            f"after {num_sinks} sinks and {top_pages} pages of {page_size}."
+        )
+    return gen.CacheSpec(
+        RETRIEVAL, max_len=length, num_sinks=num_sinks, window=window, page_size=page_size,
+        top_pages=top_pages,
+    )  # fmt: skip
+
+
+def method_nll(
+    model, params, streams_BL, method, cache_len, num_sinks, recompute_stride=1, pages=None
+):
+    """NLL [B, L - 1] of each next token under one of METHODS or "retrieval" (`pages`: its
+    page_size and top_pages, PAGES by default; recompute: NaN at the positions its stride
+    skips)."""
+    if method == RETRIEVAL:
+        spec = retrieval_spec(cache_len, num_sinks, streams_BL.shape[1], **(pages or PAGES))
+        return np.asarray(stream_nll(model, params, streams_BL, spec))
     if method == "dense":
         return np.asarray(_window_forward(model)(params, jnp.asarray(streams_BL, jnp.int32)))
     if method == "recompute":
@@ -91,7 +118,9 @@ def method_nll(model, params, streams_BL, method, cache_len, num_sinks, recomput
     elif method == "sink_window":
         spec = gen.CacheSpec("sink_window", num_sinks=num_sinks, window=cache_len - num_sinks)
     else:
-        raise ValueError(f"streaming: `method` must be one of {METHODS}, got {method!r}.")
+        raise ValueError(
+            f"streaming: `method` must be one of {METHODS + (RETRIEVAL,)}, got {method!r}."
+        )
     return np.asarray(stream_nll(model, params, streams_BL, spec))
 
 
@@ -105,12 +134,14 @@ def evaluate(
     bin_size=128,
     methods=METHODS,
     recompute_stride=1,
+    pages=None,
     log=print,
 ):
     """`methods` on the streams [B, L]: per-bin perplexity, mean perplexity once the cache is
     full (the "summary", over the positions every method scored), and the attention on the first
-    `num_sinks` tokens per layer and head. `recompute_stride`: see the module docstring. The
-    per-token NLLs [B, L - 1] (NaN: not scored) are under "nll" (numpy: not for JSON)."""
+    `num_sinks` tokens per layer and head. `recompute_stride`: see the module docstring; `pages`:
+    the retrieval method's page_size and top_pages (PAGES). The per-token NLLs [B, L - 1] (NaN:
+    not scored) are under "nll" (numpy: not for JSON)."""
     if not 0 < num_sinks < cache_len < streams_BL.shape[1]:
         raise ValueError(
             f"streaming: need 0 < num_sinks < cache_len < stream length, got {num_sinks}, "
@@ -123,6 +154,7 @@ def evaluate(
         num_streams=int(streams_BL.shape[0]),
         bin_size=bin_size,
         recompute_stride=recompute_stride,
+        pages=dict(pages or PAGES),
         methods={},
         summary={},
         attention={},
@@ -137,11 +169,14 @@ def add_model(result, name, cfg, params, streams_BL, *, methods=LEARNED_SINKS_ME
     model = gen.decoding_model(cfg)  # one device: the caches are small
     params = gen.decoding_params(cfg, params)
     cache_len, num_sinks = result["cache_len"], result["num_sinks"]
-    names = labels(cache_len, num_sinks)
+    pages = result.get("pages")
+    names = labels(cache_len, num_sinks, pages)
     nlls, stride = {}, result.get("recompute_stride", 1)
     for method in methods:
         t0 = time.perf_counter()
-        nlls[method] = method_nll(model, params, streams_BL, method, cache_len, num_sinks, stride)
+        nlls[method] = method_nll(
+            model, params, streams_BL, method, cache_len, num_sinks, stride, pages
+        )
         log(f"{name or 'model'}: {method} in {time.perf_counter() - t0:.0f} s")
     common = np.all([np.isfinite(n) for n in nlls.values()], axis=0)
     scored = common[:, cache_len:]
@@ -184,6 +219,8 @@ def ratios(summary):
         sink_window_over_recompute=("sink_window", "recompute"),
         dense_over_recompute=("dense", "recompute"),
         learned_sinks_window_over_recompute=("learned_sinks_window", "learned_sinks_recompute"),
+        retrieval_over_dense=("retrieval", "dense"),
+        retrieval_over_sink_window=("retrieval", "sink_window"),
     )
     return {k: summary[a] / summary[b] for k, (a, b) in pairs.items() if {a, b} <= set(summary)}
 

@@ -19,7 +19,7 @@ from ringattn.attention.reference import reference_attention
 from ringattn.decode import attend as attend_lib
 from ringattn.decode import cache as cache_lib
 from ringattn.decode import prefill as prefill_lib
-from ringattn.decode import sharded
+from ringattn.decode import retrieval, sharded
 from ringattn.mesh import mesh_axes_for
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.rope import apply_rope
@@ -125,23 +125,31 @@ def _on_mesh(cfg: ModelConfig, mesh):
 
 def write_cache(cfg: ModelConfig, mesh, cache, k_BtKD, v_BtKD, positions_Bt):
     """The cache with the new tokens written at their positions (padding: position < 0)."""
+    one, on_mesh = cache_lib.update, sharded.update_on_mesh
+    if cache.kind == "retrieval":
+        one, on_mesh = retrieval.update, retrieval.update_on_mesh
     if not shards_cache(cfg, mesh):
-        return cache_lib.update(cache, k_BtKD, v_BtKD, positions_Bt)
-    return sharded.update_on_mesh(cache, k_BtKD, v_BtKD, positions_Bt, **_on_mesh(cfg, mesh))
+        return one(cache, k_BtKD, v_BtKD, positions_Bt)
+    return on_mesh(cache, k_BtKD, v_BtKD, positions_Bt, **_on_mesh(cfg, mesh))
 
 
 def cached_attention(cfg: ModelConfig, mesh, q_BtHD, positions_Bt, cache, rope, window, sinks):
     """New queries against the cache (already holding them): on one device, or per device on
-    its shard of the cache, merged through lse (the cache never moves)."""
+    its shard of the cache, merged through lse (the cache never moves). A retrieval cache
+    attends to its sinks, window and chosen pages (its keys are rotated already: no rope)."""
     variants = dict(
-        rope=rope,
         logits_soft_cap=cfg.attention.logits_soft_cap or None,
         local_window_size=window,
         sinks=sinks,
     )
+    one, on_mesh = attend_lib.attend, sharded.attend_on_mesh
+    if cache.kind == "retrieval":
+        one, on_mesh = retrieval.attend, retrieval.attend_on_mesh
+    else:
+        variants["rope"] = rope
     if not shards_cache(cfg, mesh):
-        return attend_lib.attend(q_BtHD, positions_Bt, cache, **variants)
-    return sharded.attend_on_mesh(q_BtHD, positions_Bt, cache, **variants, **_on_mesh(cfg, mesh))
+        return one(q_BtHD, positions_Bt, cache, **variants)
+    return on_mesh(q_BtHD, positions_Bt, cache, **variants, **_on_mesh(cfg, mesh))
 
 
 def chunk_attention(cfg: ModelConfig, mesh, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
@@ -183,10 +191,11 @@ class Attention(nn.Module):
     `cache_bound=0` (the caches are empty) computes the tokens' attention with the configured
     implementation and then writes their K/V; otherwise (the caches may hold tokens below
     `cache_bound`; None: anywhere) a full cache takes them as a chunk (`chunk_attention`), a
-    window cache as a decode step would. A decode step (prefill=False) writes the new tokens
-    first and attends them to the cache. A full cache stores rotated keys; window kinds store
-    them un-rotated and rotate at their positions in the cache (StreamingLLM). `window`: this
-    layer's local_window_size (keys to a query's left; None: global)."""
+    window or retrieval cache as a decode step would. A decode step (prefill=False) writes the
+    new tokens first and attends them to the cache. Full and retrieval caches store keys rotated
+    at their positions; window kinds store them un-rotated and rotate at their positions in the
+    cache (StreamingLLM). `window`: this layer's local_window_size (keys to a query's left;
+    None: global)."""
 
     cfg: ModelConfig
     mesh: object = None
@@ -213,11 +222,11 @@ class Attention(nn.Module):
         k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, wk.astype(dt))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, wv.astype(dt))
         unrotated_k_BTKD = k_BTKD
-        rotate_later = cache is not None and cache.kind != "full"
+        rotate_later = cache is not None and cache.kind in ("sink_window", "window")
         rope = None
         if rotate_later:
             rope = lambda x, pos: apply_rope(x, pos, cfg.rope)  # noqa: E731
-        if cache is not None and (not prefill or (rotate_later and cache_bound != 0)):
+        if cache is not None and (not prefill or (cache.kind != "full" and cache_bound != 0)):
             if not rotate_later:
                 q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope)
                 k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope)
