@@ -72,4 +72,10 @@ def progress_line(r):
         ]
     if "eval/accuracy" in r:
         parts += [f"eval loss {r['eval/loss']:.4f}", f"eval acc {r['eval/accuracy']:.3f}"]
+    for key, name in (
+        ("train/token_accuracy", "token acc"),
+        ("eval/token_accuracy", "eval token acc"),
+    ):
+        if key in r:
+            parts.append(f"{name} {r[key]:.3f}")
     return " | ".join(parts)

@@ -67,13 +67,15 @@ def _shards(model):
 
 
 def exact_match(right_BT, batch):
-    """(rows whose every answer token is the argmax, rows with an answer): the greedy decode of
-    the answer is exactly right iff every teacher-forced answer prediction is. `right_BT`: the
-    target is the argmax (ringattn/train/loss.py)."""
+    """(rows whose every answer token is the argmax, rows with an answer, answer tokens that
+    are the argmax, answer tokens): the greedy decode of the answer is exactly right iff every
+    teacher-forced answer prediction is; the token counts are next-token accuracy (what a text
+    task's rows, never exactly right, are measured by). `right_BT`: the target is the argmax
+    (ringattn/train/loss.py)."""
     mask_BT = batch["answer_mask"].astype(bool)
     has_answer_B = jnp.any(mask_BT, axis=1)
     correct_B = jnp.all(right_BT | ~mask_BT, axis=1) & has_answer_B
-    return jnp.sum(correct_B), jnp.sum(has_answer_B)
+    return jnp.sum(correct_B), jnp.sum(has_answer_B), jnp.sum(right_BT & mask_BT), jnp.sum(mask_BT)
 
 
 def train_step(model, tx, loss_config, state: TrainState, batch):
@@ -83,10 +85,11 @@ def train_step(model, tx, loss_config, state: TrainState, batch):
     (objective, (loss, right_BT)), grads = grad_fn(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    correct, rows = exact_match(right_BT, batch)
+    correct, rows, right, tokens = exact_match(right_BT, batch)
     metrics = {
         "train/loss": loss,
         "train/accuracy": correct / jnp.maximum(rows, 1),
+        "train/token_accuracy": right / jnp.maximum(tokens, 1),
         "train/grad_norm": optax.global_norm(grads),
     }
     if loss_config.z_loss:
@@ -96,8 +99,8 @@ def train_step(model, tx, loss_config, state: TrainState, batch):
 
 def eval_step(model, loss_config, params, batch):
     _, (loss, right_BT) = forward(model, params, batch, loss_config)
-    correct, rows = exact_match(right_BT, batch)
-    return {"loss": loss, "correct": correct, "rows": rows}
+    correct, rows, right, tokens = exact_match(right_BT, batch)
+    return {"loss": loss, "correct": correct, "rows": rows, "right": right, "tokens": tokens}
 
 
 def jit_train_step(model, tx, state_shardings, data_sharding, mesh, loss_config=PLAIN):

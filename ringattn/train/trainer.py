@@ -192,17 +192,21 @@ def _scalar(x):
 
 
 def evaluate(exp: Experiment, params, seq_len):
-    """Exact-match accuracy and loss over `eval_batches` held-out batches at `seq_len` (a stream
-    of its own seed, with `eval_task_params`: a text task's held-out files)."""
+    """Exact-match and next-token accuracy and loss over `eval_batches` held-out batches at
+    `seq_len` (a stream of its own seed, with `eval_task_params`: a text task's held-out files)."""
     config = exp.config
     it = exp.iterator(config.seed + EVAL_SEED_OFFSET, seq_len, evaluation=True)
-    correct = rows = loss = 0.0
+    sums = dict.fromkeys(("correct", "rows", "right", "tokens", "loss"), 0.0)
     for _ in range(config.eval_batches):
         out = exp.eval_step(params, exp.to_device(next(it)))
-        correct += _scalar(out["correct"])
-        rows += _scalar(out["rows"])
-        loss += _scalar(out["loss"]) / config.eval_batches
-    return {"eval/loss": loss, "eval/accuracy": correct / max(rows, 1), "eval/seq_len": seq_len}
+        for key in sums:
+            sums[key] += _scalar(out[key])
+    return {
+        "eval/loss": sums["loss"] / config.eval_batches,
+        "eval/accuracy": sums["correct"] / max(sums["rows"], 1),
+        "eval/token_accuracy": sums["right"] / max(sums["tokens"], 1),
+        "eval/seq_len": seq_len,
+    }
 
 
 def train_and_evaluate(config, workdir):

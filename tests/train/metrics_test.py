@@ -37,3 +37,18 @@ def test_progress_line():
         "eval loss 2.0000 | eval acc 0.500"
     )
     assert progress_line({"step": 3, "eval/loss": 1.0, "eval/accuracy": 1.0}).count("|") == 2
+    record["eval/token_accuracy"] = 0.625
+    assert progress_line(record).endswith("eval acc 0.500 | eval token acc 0.625")
+
+
+def test_exact_match_and_token_accuracy():
+    """Row 0: both answer tokens right (exact); row 1: one of two; row 2: no answer tokens
+    (counted in neither). Positions outside the answer never count, right or not."""
+    import jax.numpy as jnp
+
+    from ringattn.train.step import exact_match
+
+    right = jnp.asarray([[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 1]], bool)
+    mask = jnp.asarray([[0, 1, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0]])
+    correct, rows, right_tokens, tokens = exact_match(right, {"answer_mask": mask})
+    assert (int(correct), int(rows), int(right_tokens), int(tokens)) == (1, 2, 3, 4)
