@@ -8,8 +8,8 @@ Arrays (global; over n devices each holds NP / n pages):
     v [B, NP, P, K, Dv]      likewise v_scale
     pos [B, NP, P] int32     the position held in each slot, -1: empty
     k_min, k_max [B, NP, K, D]  per page and KV head, the channel-wise min / max of its keys
-                             (Quest's bound), float32 (float64 for a float64 cache); +inf / -inf
-                             while the page is empty
+                             but the sinks' (Quest's bound), float32 (float64 for a float64
+                             cache); +inf / -inf while the page holds no such key
 
 A token at position p lives in page g = p // P, slot p % P. Pages are striped over the n devices
 of a mesh: page g on device g mod n as its local page g // n (array page (g mod n) NP/n + g // n),
@@ -268,9 +268,12 @@ def write(cache: RetrievalCache, k_new, v_new, pos_new, shard=0, num_devices=1):
     new = dict(k=put(cache.k, k_store), v=put(cache.v, v_store), pos=put(cache.pos, pos))
     if cache.quantized:
         new.update(k_scale=put(cache.k_scale, ks), v_scale=put(cache.v_scale, vs))
+    # The sinks are read every step anyway: their keys (often far from the rest, the reason
+    # models sink attention there) do not widen their page's bound.
+    bounded = jnp.where(keep & (pos >= cache.num_sinks), page, local)
     new.update(
-        k_min=cache.k_min.at[rows, page].min(k_seen, mode="drop"),
-        k_max=cache.k_max.at[rows, page].max(k_seen, mode="drop"),
+        k_min=cache.k_min.at[rows, bounded].min(k_seen, mode="drop"),
+        k_max=cache.k_max.at[rows, bounded].max(k_seen, mode="drop"),
     )
     return dataclasses.replace(cache, **new)
 

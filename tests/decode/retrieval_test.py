@@ -107,7 +107,7 @@ def np_select(q, k, q_pos, cfg, tb):
                     first = page * p
                     if first + p - 1 < ns or first > qp.max() - w:
                         continue
-                    keys = k[b, first : min(first + p, held), kk]
+                    keys = k[b, max(first, ns) : min(first + p, held), kk]  # sinks: no bound
                     lo, hi = keys.min(0), keys.max(0)
                     qs = q[b][qp][:, kk * g : (kk + 1) * g].reshape(-1, q.shape[-1])
                     scores[page] = np.max(np.maximum(qs * lo, qs * hi).sum(-1))
