@@ -290,3 +290,12 @@ def pytest_runtest_setup(item):
     for marker in DEVICE_MARKERS:
         if item.get_closest_marker(marker) and not _has_device(marker):
             pytest.skip(f"marked {marker}: JAX has no {marker.upper()} device here")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each module: every executable keeps memory mappings
+    of its code, and the whole suite in one process (~900 tests) crashed XLA:CPU's compiler
+    (a segfault, at the same test each time) past a count of them; no module shares one."""
+    yield
+    jax.clear_caches()
