@@ -33,7 +33,12 @@ def launch(script, workdir, env, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHERS)} | env
     return subprocess.Popen(
         [sys.executable, script, f"--workdir={workdir}", *FLAGS, *extra],
-        env=dict(env, JAX_PLATFORMS="cpu"),
+        # This checkout's ringattn whatever is installed (an editable install may point elsewhere).
+        env=dict(
+            env,
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
