@@ -48,7 +48,7 @@ def data(dtype):
     return [jnp.asarray(a, dtype) for a in x[:3]], x[3]
 
 
-def check(got, want, dtype, names=("out", "dq", "dk", "dv")):
+def assert_matches_f64(got, want, dtype, names=("out", "dq", "dk", "dv")):
     for name, a, w in zip(names, got, want, strict=True):
         assert a.dtype == dtype, (name, a.dtype)
         err = np.abs(np.asarray(a, np.float64) - w).max() / np.abs(w).max()
@@ -64,7 +64,8 @@ def grads(f, q, k, v, do):
 def test_blockwise(dtype):
     (q, k, v), do = data(dtype)
     f = functools.partial(ringattn.blockwise_attention, causal=True, block_q=16, block_k=16)
-    check(jax.jit(functools.partial(grads, f))(q, k, v, do), attention_f64(q, k, v, do), dtype)
+    got = jax.jit(functools.partial(grads, f))(q, k, v, do)
+    assert_matches_f64(got, attention_f64(q, k, v, do), dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -76,7 +77,7 @@ def test_context_parallel_natural_order(dtype):
         ringattn.context_parallel_attention, mesh=mesh, causal=True, layout="zigzag",
         input_layout="natural", block_q=4, block_k=4,
     )  # fmt: skip
-    check(grads(f, q, k, v, do), attention_f64(q, k, v, do), dtype)
+    assert_matches_f64(grads(f, q, k, v, do), attention_f64(q, k, v, do), dtype)
 
 
 CFG = ModelConfig(

@@ -310,12 +310,12 @@ def generate(
         raise ValueError(f"generate: `max_new_tokens` must be >= 1, got {max_new_tokens}.")
     # The cache holds the prompt and every new token but the last (sampled, never fed back).
     need = int(np.max(batch["lengths"])) + max_new_tokens - 1
-    full = [c.num_slots for c in caches if c.kind in ("full", "retrieval")]
-    if full and need > min(full):
+    keep_all = [c.num_slots for c in caches if c.kind in ("full", "retrieval")]  # no eviction
+    if keep_all and need > min(keep_all):
         raise ValueError(
             f"generate: the longest prompt plus `max_new_tokens` ({max_new_tokens}) needs {need} "
             f"cache positions (every new token but the last is written), but the full "
-            f"(or retrieval) caches hold {min(full)}; make them longer (CacheSpec max_len) or "
+            f"(or retrieval) caches hold {min(keep_all)}; make them longer (CacheSpec max_len) or "
             "generate fewer."
         )
     multiple = pad_multiple(model.cfg, model.mesh)
