@@ -116,9 +116,10 @@ def _tokenizer(fn, directory):
     return _load_tokenizer(os.path.abspath(directory))
 
 
+@functools.lru_cache(maxsize=8)
 def _prefix(fn, directory, bos):
     """The special tokens the tokenizer puts before a text, with its BOS (tokenizer_config.json's
-    bos_token) first when `bos` asks for it."""
+    bos_token) first when `bos` asks for it. Once per process (every row asks): read-only."""
     tok = _tokenizer(fn, directory)
     plain, special = (tok.encode("a", add_special_tokens=a).ids for a in (False, True))
     n = len(special) - len(plain)
@@ -134,7 +135,9 @@ def _prefix(fn, directory, bos):
         if bos_id is None:
             raise ValueError(f"{fn}: `bos` asks for a BOS, but {path} names none.")
         prefix = prefix if prefix[:1] == [bos_id] else [bos_id, *prefix]
-    return np.asarray(prefix, np.int32)
+    prefix = np.asarray(prefix, np.int32)
+    prefix.flags.writeable = False
+    return prefix
 
 
 @functools.cache
