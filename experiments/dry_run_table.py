@@ -2,9 +2,10 @@
 (configs/default.py:llama3_8b_128k) at 128K tokens on 32 devices and at 1M tokens on 256, each
 tensor x context and pure context parallel. Every case is one `experiments/train.py --dry_run`
 (a compiled train step on simulated CPU devices, nothing allocated), run twice: as XLA's CPU
-backend compiles it, and with its while-loop-invariant code motion off (XLA_FLAGS), which on
-the CPU alone hoists a float32 copy of the layers' whole stacked bfloat16 inputs out of the
-backward loop (+16 GiB here: an accelerator slices bfloat16 natively).
+backend compiles it, and with its while-loop-invariant code motion off (XLA_FLAGS), for
+comparison: that pass used to hoist a float32 copy of the layers' whole stacked bfloat16 inputs
+out of the backward loop (+16 GiB at 128K), which the layers now avoid by saving those inputs as
+raw bits (ringattn/nn/remat.py).
 
   python experiments/dry_run_table.py --out=experiments/results/real_model/finetune
   python experiments/dry_run_table.py --out=/tmp/t --cases=128k_tp8_cp4   # one case
@@ -24,8 +25,9 @@ from ringattn.train import memory
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHORT = "configs/default.py:llama3_8b_128k"
 CONFIG = os.path.join(os.path.dirname(HERE), SHORT)
-# name -> (what, overrides). Loss tiles: 8 per row where the vocabulary is split 8 ways, else
-# 512 tokens per device per tile.
+# name -> (what, overrides). Loss tiles (ringattn/train/loss.py): at 128K, the config's 16384
+# tokens a row; at 1M, tensor x context: 131072 (each device its 4096 tokens of a tile, V / 8),
+# context 256: the config's 16384 (each device every token of a tile, V / 256).
 CASES = {
     "128k_tp8_cp4": ("128K tokens, 32 devices: tensor 8 x context 4", []),
     "128k_cp32": (
@@ -38,8 +40,7 @@ CASES = {
     ),
     "1m_cp256": (
         "1M tokens, 256 devices: context 256",
-        ["--config.seq_len=1048576", "--config.mesh.tensor=1", "--config.mesh.context=256",
-         "--config.loss_chunk_size=131072"],
+        ["--config.seq_len=1048576", "--config.mesh.tensor=1", "--config.mesh.context=256"],
     ),
 }  # fmt: skip
 NO_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"

@@ -37,6 +37,9 @@ DEFAULT_RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # The tiled loss (ringattn/train/loss.py): a tile's vocabulary is split over the devices that
+    # split the vocabulary and those that split the sequence (the tile's tokens gathered).
+    ("loss_vocab", ("tensor", "context")),
 )
 
 

@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ringattn.nn.config import ModelConfig
 from ringattn.nn.layers import Attention, Mlp, RMSNorm, constrain, param
+from ringattn.nn.remat import checkpoint_keeping_bits
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward
@@ -55,6 +56,31 @@ class Block(nn.Module):
         return constrain(x_BTE, ACT, cfg, mesh), cache
 
 
+class RematBlock(nn.Module):
+    """A Block under remat "full" in scanned layers: recomputed in the backward from its input,
+    which is saved as raw bits (ringattn/nn/remat.py: else XLA's CPU compiler holds a float32
+    copy of every layer's input). Its parameters are the Block's, at the same paths."""
+
+    cfg: ModelConfig
+    mesh: object = None
+    window: int | None = None
+
+    def setup(self):
+        self.block = Block(self.cfg, self.mesh, self.window)
+        nn.share_scope(self, self.block)
+
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+        if self.is_initializing():
+            return self.block(x_BTE, positions_BT, segment_ids_BT)
+        block = Block(self.cfg, self.mesh, self.window, parent=None)
+
+        def f(params, x_BTE, positions_BT, segment_ids_BT):
+            return block.apply({"params": params}, x_BTE, positions_BT, segment_ids_BT)[0]
+
+        run = checkpoint_keeping_bits(f)
+        return run(self.variables["params"], x_BTE, positions_BT, segment_ids_BT), None
+
+
 class BlockGroup(nn.Module):
     """`global_every` consecutive blocks (local ones, then a global one): the unit a scan over
     layers repeats when local and global layers alternate (Gemma 2)."""
@@ -76,6 +102,8 @@ class BlockGroup(nn.Module):
 def _block_class(cfg: ModelConfig):
     if cfg.remat == "none":
         return Block
+    if cfg.remat == "full" and cfg.scan_layers:
+        return RematBlock
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 

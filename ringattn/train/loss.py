@@ -11,6 +11,16 @@ known as soon as its logits are; the chunk's share of d hidden and d head weight
 and the logits are dropped. The backward only scales by the incoming cotangent: three matmuls
 per token as in the plain path (logits, d hidden, d weights), none of them [tokens, V] in memory
 (Wijmans et al. 2024, "Cut your losses"; Liger's fused linear cross-entropy).
+
+On a mesh a tile is laid out one of two ways (`gather`). Split by tokens: each device takes its
+own tokens of the tile, the vocabulary split as the model's logits are (over `tensor`); the
+head's weights are gathered whole on every device (once), and every tile's share of d weights
+is a [E, V / tensor] sum over the devices of the sequence. Gathered: each device takes every
+token of the tile and a slice of the vocabulary split over the sequence's devices as well
+(logical axis "loss_vocab"); the tile's hidden states are gathered (E per token) and its d hidden
+summed back, while the weights and d weights stay in slices. Both hold as many logits per
+device; the gathered layout moves and holds less when a tile has fewer tokens than a tensor
+shard has vocabulary entries (ringattn/train/step.py picks it then).
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ def plain(logits_BTV, targets_BT, weights_BT, z_loss=0.0):
 
 
 def tiled(h_BTE, w_EV, targets_BT, weights_BT, *, chunk_size, z_loss=0.0, shards=1,
-          constrain=None):  # fmt: skip
+          constrain=None, gather=False):  # fmt: skip
     """Losses of hidden states h [B, T, E] under the LM head w [E, V] (ringattn.nn.model.head),
     `chunk_size` tokens of each row at a time (T a multiple of it; T when it is larger).
 
@@ -70,7 +80,9 @@ def tiled(h_BTE, w_EV, targets_BT, weights_BT, *, chunk_size, z_loss=0.0, shards
     when a device holds one row).
 
     `constrain(x, logical names)` (None: none) places the tiles' arrays on a mesh: the model's
-    logical sharding constraint (a chunk's tokens as the activations' sequence, d w as w)."""
+    logical sharding constraint. `gather`: the tiles' layout on it (see the module docstring):
+    every token of a tile on each device, the vocabulary split over the sequence's devices too;
+    False: each device its own tokens of a tile (as the activations' sequence)."""
     b, t, e = h_BTE.shape
     c = min(chunk_size, t)
     if c < 1 or t % c:
@@ -86,9 +98,11 @@ def tiled(h_BTE, w_EV, targets_BT, weights_BT, *, chunk_size, z_loss=0.0, shards
         return x.reshape(n, b, c, *x.shape[4:])
 
     weights = weights_BT.astype(jnp.promote_types(h_BTE.dtype, jnp.float32))  # the logits' dtype
+    names = GATHERED if gather else SPLIT
     total, ce, right_NBc = _tiled(
-        float(z_loss), constrain or _as_is, split(h_BTE), w_EV, split(targets_BT), split(weights)
-    )
+        float(z_loss), constrain or _as_is, names, split(h_BTE), w_EV, split(targets_BT),
+        split(weights),
+    )  # fmt: skip
     right_BT = jnp.moveaxis(right_NBc.reshape(n, b, s, c // s), 0, 2).reshape(b, t)
     return Losses(total, jax.lax.stop_gradient(ce), right_BT)
 
@@ -98,15 +112,26 @@ def _as_is(x, names):
     return x
 
 
+class Names(NamedTuple):
+    """Logical axis names of a tile's hidden states, its logits and the head's weights."""
+
+    hidden: tuple
+    logits: tuple
+    head: tuple
+
+
 ACT = ("act_batch", "act_length", "act_embed")
-LOGITS = ("act_batch", "act_length", "act_vocab")
 HEAD = ("embed", "vocab")
+SPLIT = Names(ACT, ("act_batch", "act_length", "act_vocab"), HEAD)
+GATHERED = Names(("act_batch", None, "act_embed"), ("act_batch", None, "loss_vocab"),
+                 (None, "loss_vocab"))  # fmt: skip
 
 
-def _chunk(constrain, h_BcE, w_EV, targets_Bc):
+def _chunk(constrain, names, h_BcE, w_EV, targets_Bc):
     """(logits, lse, the target's logit, target == argmax) of one chunk. Elementwise ops and
     reductions over V only (no gather along V), so a vocabulary sharded over devices stays so."""
-    logits_BcV = constrain(head(constrain(h_BcE, ACT), w_EV), LOGITS)
+    h_BcE, w_EV = constrain(h_BcE, names.hidden), constrain(w_EV, names.head)
+    logits_BcV = constrain(head(h_BcE, w_EV), names.logits)
     max_Bc = jnp.max(logits_BcV, axis=-1)
     lse_Bc = max_Bc + jnp.log(jnp.sum(jnp.exp(logits_BcV - max_Bc[..., None]), axis=-1))
     vocab_V = jnp.arange(logits_BcV.shape[-1], dtype=targets_Bc.dtype)
@@ -118,11 +143,11 @@ def _chunk(constrain, h_BcE, w_EV, targets_Bc):
     return logits_BcV, hit_BcV, lse_Bc, target_Bc, (target_Bc >= max_Bc) & ~earlier
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _tiled(z_loss, constrain, h_NBcE, w_EV, targets_NBc, weights_NBc):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tiled(z_loss, constrain, names, h_NBcE, w_EV, targets_NBc, weights_NBc):
     def body(sums, xs):
         h, targets, weights = xs
-        _, _, lse, target, right = _chunk(constrain, h, w_EV, targets)
+        _, _, lse, target, right = _chunk(constrain, names, h, w_EV, targets)
         ce = lse - target
         sums = (
             sums[0] + jnp.sum(weights * (ce + z_loss * lse**2)),
@@ -135,37 +160,38 @@ def _tiled(z_loss, constrain, h_NBcE, w_EV, targets_NBc, weights_NBc):
     return total, ce, right
 
 
-def _tiled_fwd(z_loss, constrain, h_NBcE, w_EV, targets_NBc, weights_NBc):
+def _tiled_fwd(z_loss, constrain, names, h_NBcE, w_EV, targets_NBc, weights_NBc):
     dt = h_NBcE.dtype
 
     def body(carry, xs):
         total, ce_sum, dw_EV = carry
         h, targets, weights = xs
-        logits, hit, lse, target, right = _chunk(constrain, h, w_EV, targets)
+        logits, hit, lse, target, right = _chunk(constrain, names, h, w_EV, targets)
         ce = lse - target
         loss = ce + z_loss * lse**2  # per token: the weights' gradient
         # d loss / d logits = w_t ((1 + 2 z lse_t) softmax - onehot(target)).
         p = jnp.exp(logits - lse[..., None])
         dlogits = weights[..., None] * ((1 + 2 * z_loss * lse)[..., None] * p - hit)
         dlogits = dlogits.astype(dt)
-        dh = constrain(jnp.einsum("bcv,ev->bce", dlogits, w_EV.astype(dt)), ACT)
-        dw = constrain(
-            jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=dw_EV.dtype), HEAD
-        )
-        dw_EV = constrain(dw_EV + dw, HEAD)
+        w = constrain(w_EV, names.head).astype(dt)
+        dh = constrain(jnp.einsum("bcv,ev->bce", dlogits, w), ACT)  # summed over V's devices
+        h = constrain(h, names.hidden)
+        dw = jnp.einsum("bce,bcv->ev", h, dlogits, preferred_element_type=dw_EV.dtype)
+        dw_EV = constrain(dw_EV + constrain(dw, names.head), names.head)
         carry = (total + jnp.sum(weights * loss), ce_sum + jnp.sum(weights * ce), dw_EV)
         return carry, (right, dh, loss)
 
     zero = jnp.zeros((), weights_NBc.dtype)
-    dw0 = constrain(jnp.zeros(w_EV.shape, jnp.promote_types(w_EV.dtype, jnp.float32)), HEAD)
+    dw0 = jnp.zeros(w_EV.shape, jnp.promote_types(w_EV.dtype, jnp.float32))
+    dw0 = constrain(dw0, names.head)
     (total, ce, dw), (right, dh, loss) = jax.lax.scan(
         body, (zero, zero, dw0), (h_NBcE, targets_NBc, weights_NBc)
     )
-    return (total, ce, right), (dh, dw.astype(w_EV.dtype), loss)
+    return (total, ce, right), (dh, constrain(dw, HEAD).astype(w_EV.dtype), loss)
 
 
-def _tiled_bwd(z_loss, constrain, residuals, cotangents):
-    del z_loss, constrain
+def _tiled_bwd(z_loss, constrain, names, residuals, cotangents):
+    del z_loss, constrain, names
     dh, dw, loss = residuals
     g = cotangents[0]  # of `total`; `ce` and `right` are metrics (stop_gradient outside)
     scale = lambda x: (g * x).astype(x.dtype)  # noqa: E731

@@ -45,6 +45,7 @@ def forward(model, params, batch, loss_config=PLAIN):
         out = loss_lib.tiled(
             h_BTE, w_EV, targets_BT, weights_BT, chunk_size=loss_config.chunk_size,
             z_loss=loss_config.z_loss, shards=_shards(model), constrain=_constrainer(model),
+            gather=gathers_tiles(model, loss_config.chunk_size, h_BTE.shape[1]),
         )  # fmt: skip
     else:
         logits_BTV = model.apply(variables, h_BTE, method=Transformer.head)
@@ -58,6 +59,26 @@ def _constrainer(model):
     """(x, logical names) -> x constrained to the model's mesh (one function per model: the
     tiled loss's custom_vjp takes it as a static argument)."""
     return lambda x, names: constrain(x, names, model.cfg, model.mesh)
+
+
+def gathers_tiles(model, chunk_size, seq_len):
+    """Whether the tiled loss gathers each tile's tokens, the vocabulary split over the
+    sequence's devices too (ringattn/train/loss.py): on a mesh that splits the sequence, when
+    the vocabulary splits evenly over those devices and the tensor ones ("loss_vocab") and a
+    tile has fewer tokens than a tensor shard has vocabulary entries (gathering the tile's
+    hidden states then moves and holds less than gathering the head's weights)."""
+    if model.mesh is None or _shards(model) == 1:
+        return False
+    cfg = model.cfg
+
+    def size(name):
+        return math.prod(model.mesh.shape[a] for a in mesh_axes_for(cfg.rules, name))
+
+    return (
+        size("loss_vocab") > size("act_vocab")
+        and cfg.vocab_size % size("loss_vocab") == 0
+        and min(chunk_size, seq_len) * size("act_vocab") < cfg.vocab_size
+    )
 
 
 def _shards(model):

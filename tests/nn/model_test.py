@@ -242,3 +242,26 @@ def test_prefill_logits_of_chosen_tokens(mesh):
     np.testing.assert_allclose(got, np.take_along_axis(full, index[..., None], 1), rtol=1e-6)
     with pytest.raises(ValueError, match="`logits_index`|logits_index: must be"):
         run(params(), index[0], True)
+
+
+def test_scanned_remat_keeps_block_inputs_as_bits():
+    """Scanned bfloat16 layers under remat "full": the compiled backward slices the saved layer
+    inputs from a uint16 stack [layers, B, T, E] and holds no float32 one (XLA's CPU compiler
+    made a float32 copy of a bfloat16 stack: ringattn/nn/remat.py); the gradients equal those
+    of the same layers without remat."""
+    cfg = dataclasses.replace(CFG, scan_layers=True, dtype="bfloat16")
+    tokens, pos, seg, w = inputs()
+    p = _stacked(params(), cfg)
+
+    def grads(remat):
+        model = Transformer(dataclasses.replace(cfg, remat=remat))
+        loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, pos, seg) * w)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(p).compile()
+
+    compiled = grads("full")
+    stack = f"[{cfg.num_layers},{B},{T},{CFG.d_model}]"
+    assert f"u16{stack}" in compiled.as_text()
+    assert f"f32{stack}" not in compiled.as_text()
+    got, want = compiled(p), grads("none")(p)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)

@@ -173,16 +173,19 @@ def test_model_tiled_equals_plain(tied, scaled):
     assert_same(got, want, 1e-12)
 
 
-def test_model_tiled_on_a_tensor_sharded_vocabulary_equals_plain():
+@pytest.mark.parametrize("chunk, gather", [(8, True), (24, False)])
+def test_model_tiled_on_a_tensor_sharded_vocabulary_equals_plain(chunk, gather):
     """The model on a (tensor 2, context 4) mesh (the vocabulary, heads and MLP over tensor):
     equal to the plain loss on one device to the rounding of its float32 norms, whose sums the
-    mesh splits differently."""
+    mesh splits differently; with tiles of 8 tokens a row (fewer than V / 2: the tile's tokens
+    gathered, V over all 8 devices) and of 24 (each device its own tokens of a tile)."""
     cfg = dataclasses.replace(MODEL, tie_embeddings=False)
     params = model_params(cfg)
     mesh = make_mesh(dict(tensor=2, context=4))
+    assert step.gathers_tiles(Transformer(cfg, mesh), chunk, T) == gather
     want = objective_and_grads(cfg, None, step.PLAIN, params)
     placed = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract_params(cfg, mesh)))
-    got = objective_and_grads(cfg, mesh, LossConfig(chunk_size=8), placed)
+    got = objective_and_grads(cfg, mesh, LossConfig(chunk_size=chunk), placed)
     assert got[3]["unembedding"].sharding.spec == P(None, "tensor")
     assert_same(got, want, 1e-6)
 
@@ -192,10 +195,11 @@ def test_compiled_step_holds_no_tokens_by_vocabulary_buffer(helpers):
     token's logits ([B, T / 4, V / 2] and the like); tiled by 8 tokens per row, no buffer with a
     vocabulary dim (the head's weights [E, V] aside) holds more than one tile's tokens (B x 8 /
     4) per device."""
-    vocab = 202  # V / 2 = 101: a dim nothing else has
+    vocab = 202  # V / 2 = 101: a dim nothing else has (V / 8 is not whole: tokens split)
     cfg = dataclasses.replace(MODEL, vocab_size=vocab, dtype="float32", param_dtype="float32")
     mesh = make_mesh(dict(tensor=2, context=4))
     model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
+    assert not step.gathers_tiles(model, 8, 64)
     abstract, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
     data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
     dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
@@ -215,3 +219,27 @@ def test_compiled_step_holds_no_tokens_by_vocabulary_buffer(helpers):
 
     assert most_tokens(vocab_buffers(step.PLAIN)) >= B * 64 // 4  # every local token's logits
     assert most_tokens(vocab_buffers(LossConfig(chunk_size=8))) == B * 8 // 4  # one tile's
+
+
+def test_compiled_step_with_gathered_tiles_splits_the_vocabulary_over_every_device(helpers):
+    """Tiles of 8 tokens a row on a (tensor 2, context 4) mesh with V = 104 (8 x 13): each device
+    holds every token of a tile (B x 8) on V / 8 = 13 entries, and nothing sized by tokens and
+    V / 2 or V (the head's weights' slices [E, V / 2] aside): the head's weights are never
+    gathered whole nor their gradient summed whole."""
+    vocab = 104
+    cfg = dataclasses.replace(MODEL, vocab_size=vocab, dtype="float32", param_dtype="float32")
+    mesh = make_mesh(dict(tensor=2, context=4))
+    model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
+    assert step.gathers_tiles(model, 8, 64)
+    abstract, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
+    data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
+    dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((B, 64), dtypes.get(k, jnp.int32), sharding=data)
+        for k in step.BATCH_KEYS
+    }
+    jitted = step.jit_train_step(model, tx, shardings, data, mesh, LossConfig(chunk_size=8))
+    shapes = helpers.hlo_shapes(jitted.lower(abstract, abstract_batch).compile().as_text())
+    assert (B, 8, vocab // 8) in shapes  # a tile's logits: all its tokens, V / 8
+    wide = {s for s in shapes if vocab in s or vocab // 2 in s}
+    assert wide and all(cfg.d_model in s and np.prod(s) <= cfg.d_model * vocab // 2 for s in wide)
