@@ -28,6 +28,7 @@ _NUM_SINKS = flags.DEFINE_integer("num_sinks", 4, "Sinks of the bounded caches."
 _WINDOW = flags.DEFINE_integer("window", 252, "The retrieval cache's window.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "Tokens per page.")
 _TOP_PAGES = flags.DEFINE_integer("top_pages", 12, "Pages attended per step.")
+_DENSE = flags.DEFINE_integer("dense_layers", 0, "Retrieval: the lowest layers read every page.")
 _HOST = flags.DEFINE_bool("host", False, "Also time the retrieval cache with host-memory pages.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _CPU_DEVICES = cli.num_cpu_devices()
@@ -48,7 +49,13 @@ def main(argv):
     for length in map(int, _LENGTHS.value):
         held = length + (_ROUNDS.value + 1) * _STEPS.value
         specs = bench.specs(
-            held, _NUM_SINKS.value, _WINDOW.value, _PAGE_SIZE.value, _TOP_PAGES.value, _HOST.value
+            held,
+            _NUM_SINKS.value,
+            _WINDOW.value,
+            _PAGE_SIZE.value,
+            _TOP_PAGES.value,
+            _HOST.value,
+            _DENSE.value,
         )
         caches = {name: bench.filled(cfg, spec, length) for name, spec in specs.items()}
         memory = {name: bench.cache_bytes(c) for name, c in caches.items()}
@@ -58,7 +65,7 @@ def main(argv):
                 dict(
                     cached_tokens=length,
                     cache=name,
-                    tokens_attended=needle.tokens_attended(spec, length),
+                    tokens_attended=needle.tokens_attended(spec, length, cfg.num_layers),
                     cache_bytes=memory[name],
                     bytes_read_per_token=bench.bytes_per_token(cfg, spec, length),
                     ms_per_token=1e3 * seconds[name],

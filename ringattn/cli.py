@@ -85,6 +85,9 @@ def cache_flags(window=1020):
         selection_block=flags.DEFINE_integer(
             "selection_block", 16, "retrieval: prompt tokens of a chunk sharing one selection."
         ),
+        dense_layers=flags.DEFINE_integer(
+            "dense_layers", 0, "retrieval: the lowest layers read every page (Quest: 2)."
+        ),
     )
 
 
@@ -100,6 +103,11 @@ def cache_spec(holders, max_len=None, quantize=False):
     if kind == "window":
         opts["num_sinks"] = 0
     if kind == "retrieval":
-        opts.update({n: holders[n].value for n in ("page_size", "top_pages", "selection_block")})
+        opts.update(
+            {
+                n: holders[n].value
+                for n in ("page_size", "top_pages", "selection_block", "dense_layers")
+            }
+        )
         opts["max_len"] = max_len
     return CacheSpec(kind, quantize=quantize, **opts)

@@ -24,12 +24,13 @@ from ringattn.evals import generate as gen
 from ringattn.nn.config import AttentionConfig, ModelConfig
 
 
-def specs(held, num_sinks=4, window=252, page_size=64, top_pages=12, host=False):
+def specs(held, num_sinks=4, window=252, page_size=64, top_pages=12, host=False, dense_layers=0):
     """{name: CacheSpec}: full and retrieval holding `held` tokens, and sink + window attending
-    to as many tokens per step as retrieval (num_sinks + window + top_pages x page_size); with
-    `host`, also the retrieval cache with its pages in host memory."""
+    to as many tokens per step as retrieval (num_sinks + window + top_pages x page_size) does in
+    the layers above its `dense_layers`; with `host`, also the retrieval cache with its pages in
+    host memory."""
     attended = num_sinks + window + top_pages * page_size
-    pages = dict(page_size=page_size, top_pages=top_pages)
+    pages = dict(page_size=page_size, top_pages=top_pages, dense_layers=dense_layers)
     out = dict(
         full=gen.CacheSpec("full", max_len=held),
         sink_window=gen.CacheSpec("sink_window", num_sinks=num_sinks, window=attended - num_sinks),
@@ -72,12 +73,17 @@ def bytes_per_token(cfg: ModelConfig, spec, length):
     memory are read alike (and brought to the device): measured in device memory."""
     if spec.kind == "retrieval":
         spec = dataclasses.replace(spec, host_pages=False)
-    cache = jax.eval_shape(lambda: gen.init_caches(dataclasses.replace(cfg, num_layers=1), spec, 1))
+    layers = {}  # the layers' distinct caches (a retrieval cache's dense layers read more)
+    for cache in jax.eval_shape(lambda: gen.init_caches(cfg, spec, 1)):
+        layers.setdefault(getattr(cache, "top_pages", None), [cache, 0])[1] += 1
     q = jax.ShapeDtypeStruct((1, 1, cfg.num_heads, cfg.head_dim), jnp.float32)
     pos = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     attend = retrieval.attend if spec.kind == "retrieval" else attend_lib.attend
-    hlo = jax.jit(attend).trace(q, pos, cache[0]).lower().compile().as_text()
-    return cfg.num_layers * sum(reads.parameter_reads(hlo, "cache").values())
+    total = 0
+    for cache, count in layers.values():
+        hlo = jax.jit(attend).trace(q, pos, cache).lower().compile().as_text()
+        total += count * sum(reads.parameter_reads(hlo, "cache").values())
+    return total
 
 
 def decode_times(cfg: ModelConfig, params, length, caches_by_name, steps=8, rounds=3):

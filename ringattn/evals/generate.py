@@ -45,7 +45,8 @@ class CacheSpec:
     "retrieval" (ringattn/decode/retrieval.py) holds `max_len` tokens in pages of `page_size`
     and each step attends to `num_sinks` + `window` + `top_pages` x `page_size` of them
     (`selection_block` queries of a prompt chunk share one page selection; `host_pages` keeps
-    the pages in host memory).
+    the pages in host memory; the first `dense_layers` layers read every page, as Quest keeps
+    its lowest two layers dense).
     `dtype`: stored K/V (or, with `quantize`, what int8 + float32 scales stand for).
     `cache_layout`: where a full cache sharded over n devices keeps positions; None is
     `init_cache`'s default, "striped" (round-robin), which keeps every prefix of the stream spread
@@ -64,6 +65,7 @@ class CacheSpec:
     top_pages: int = 12
     selection_block: int | None = 16
     host_pages: bool = False
+    dense_layers: int = 0
 
     def __post_init__(self, layout):
         if layout is not None:
@@ -131,20 +133,32 @@ def init_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh=None):
 
 
 def _retrieval_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh):
-    """init_caches of a retrieval spec: its pages striped over the shards."""
+    """init_caches of a retrieval spec: its pages striped over the shards; the first
+    `dense_layers` layers choose every page (their result is the full cache's)."""
     n = num_shards(cfg, mesh)
-    init = functools.partial(
-        retrieval.init_cache, batch, spec.max_len, cfg.num_kv_heads, cfg.head_dim,
-        jnp.dtype(spec.dtype), num_sinks=spec.num_sinks, window=spec.window,
-        page_size=spec.page_size, top_pages=spec.top_pages, selection_block=spec.selection_block,
-        quantize=spec.quantize, v_head_dim=cfg.value_dim, num_shards=n,
-        host_pages=spec.host_pages,
-    )  # fmt: skip
-    if n > 1:
+    if not isinstance(spec.dense_layers, int) or not 0 <= spec.dense_layers <= cfg.num_layers:
+        raise ValueError(
+            f"init_caches: `dense_layers` must be an int in [0, {cfg.num_layers}] (the model's "
+            f"layers), got {spec.dense_layers!r}."
+        )
+
+    def init(top_pages):
+        make = functools.partial(
+            retrieval.init_cache, batch, spec.max_len, cfg.num_kv_heads, cfg.head_dim,
+            jnp.dtype(spec.dtype), num_sinks=spec.num_sinks, window=spec.window,
+            page_size=spec.page_size, top_pages=top_pages, selection_block=spec.selection_block,
+            quantize=spec.quantize, v_head_dim=cfg.value_dim, num_shards=n,
+            host_pages=spec.host_pages,
+        )  # fmt: skip
+        if n == 1:
+            return make()
         axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))
-        shardings = retrieval.cache_sharding(jax.eval_shape(init), mesh, *axes)
-        init = jax.jit(init, out_shardings=shardings)
-    return [init() for _ in range(cfg.num_layers)]
+        shardings = retrieval.cache_sharding(jax.eval_shape(make), mesh, *axes)
+        return jax.jit(make, out_shardings=shardings)()
+
+    every = jax.eval_shape(lambda: init(spec.top_pages)).num_pages
+    top = [every] * spec.dense_layers + [spec.top_pages] * (cfg.num_layers - spec.dense_layers)
+    return [init(t) for t in top]
 
 
 def prompt_batch(prompts, multiple=1):

@@ -89,12 +89,16 @@ def cache_for(cache, length, quantize=False):
     return dataclasses.replace(cache, quantize=quantize or cache.quantize)
 
 
-def tokens_attended(spec, length):
-    """Tokens a decode step of a `length`-token context attends to (per KV head)."""
+def tokens_attended(spec, length, num_layers=1):
+    """Tokens a decode step of a `length`-token context attends to (per KV head), averaged
+    over the `num_layers` layers when a retrieval cache's lowest `dense_layers` read every
+    token."""
     if spec.kind == "full":
         return length
     pages = spec.top_pages * spec.page_size if spec.kind == "retrieval" else 0
-    return spec.num_sinks + spec.window + pages
+    bounded = min(length, spec.num_sinks + spec.window + pages)
+    dense = min(getattr(spec, "dense_layers", 0), num_layers)
+    return round((dense * length + (num_layers - dense) * bounded) / num_layers)
 
 
 def cache_bytes(cfg, spec, length):
@@ -195,7 +199,7 @@ def _evaluate_cache(
                     seconds[key, length, depth] = time.perf_counter() - t0
                 row = dict(
                     cache=spec.kind,
-                    tokens_attended=tokens_attended(spec, length),
+                    tokens_attended=tokens_attended(spec, length, cfg.num_layers),
                     cache_mib=round(cache_bytes(cfg, spec, length) / 2**20, 2),
                     rope_scaling=scaling,
                     length=int(length),

@@ -7,6 +7,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from ringattn.evals import generate as gen
@@ -110,3 +111,24 @@ def test_generate_with_a_retrieval_cache():
         model, params(), batch, gen.init_caches(CFG, spec(top_pages=10), B), 8, prefill_chunk=4
     )
     np.testing.assert_array_equal(out["tokens"], full["tokens"])
+
+
+def test_dense_layers_read_every_page():
+    """The lowest `dense_layers` layers choose every page (Quest keeps its first two dense):
+    with both layers dense, 2 pages a step give the full forward pass; with one, only layer 0
+    reads every page, and what a step reads and attends to is the two layers' mean."""
+    from ringattn.bench import retrieval as bench
+    from ringattn.evals import needle
+
+    got, caches = streamed_logits(CFG, spec(top_pages=2, dense_layers=2))
+    want = full_logits()
+    seen = ~np.isnan(got)
+    assert np.abs(got[seen] - want[seen]).max() <= 2e-5 * np.abs(want[seen]).max()
+    assert [c.top_pages for c in caches] == [caches[0].num_pages] * 2 == [10, 10]
+    one = spec(top_pages=2, dense_layers=1)
+    assert [c.top_pages for c in gen.init_caches(CFG, one, B)] == [10, 2]
+    sizes = [bench.bytes_per_token(CFG, spec(2, dense_layers=d), T) for d in (0, 1, 2)]
+    assert sizes[0] < sizes[1] < sizes[2] and sizes[1] == (sizes[0] + sizes[2]) // 2
+    assert needle.tokens_attended(one, T, CFG.num_layers) == round((T + 2 + 5 + 2 * 4) / 2)
+    with pytest.raises(ValueError, match="`dense_layers` must be an int in \\[0, 2\\]"):
+        gen.init_caches(CFG, spec(2, dense_layers=3), B)
