@@ -190,16 +190,12 @@ def test_model_tiled_on_a_tensor_sharded_vocabulary_equals_plain(chunk, gather):
     assert_same(got, want, 1e-6)
 
 
-def test_compiled_step_holds_no_tokens_by_vocabulary_buffer(helpers):
-    """The train step on a (tensor 2, context 4) mesh: plain, some buffer holds every local
-    token's logits ([B, T / 4, V / 2] and the like); tiled by 8 tokens per row, no buffer with a
-    vocabulary dim (the head's weights [E, V] aside) holds more than one tile's tokens (B x 8 /
-    4) per device."""
-    vocab = 202  # V / 2 = 101: a dim nothing else has (V / 8 is not whole: tokens split)
+def _step_on_tensor_2_context_4(vocab, helpers):
+    """(cfg, model, compiled_shapes): a float32 model of vocabulary `vocab` on a (tensor 2,
+    context 4) mesh, and the buffer shapes of its compiled train step for a LossConfig."""
     cfg = dataclasses.replace(MODEL, vocab_size=vocab, dtype="float32", param_dtype="float32")
     mesh = make_mesh(dict(tensor=2, context=4))
     model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
-    assert not step.gathers_tiles(model, 8, 64)
     abstract, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
     data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
     dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
@@ -208,10 +204,24 @@ def test_compiled_step_holds_no_tokens_by_vocabulary_buffer(helpers):
         for k in step.BATCH_KEYS
     }
 
-    def vocab_buffers(loss_config):
+    def compiled_shapes(loss_config):
         jitted = step.jit_train_step(model, tx, shardings, data, mesh, loss_config)
-        text = jitted.lower(abstract, abstract_batch).compile().as_text()
-        return {s for s in helpers.hlo_shapes(text) if vocab // 2 in s or vocab in s}
+        return helpers.hlo_shapes(jitted.lower(abstract, abstract_batch).compile().as_text())
+
+    return cfg, model, compiled_shapes
+
+
+def test_compiled_step_holds_no_tokens_by_vocabulary_buffer(helpers):
+    """The train step on a (tensor 2, context 4) mesh: plain, some buffer holds every local
+    token's logits ([B, T / 4, V / 2] and the like); tiled by 8 tokens per row, no buffer with a
+    vocabulary dim (the head's weights [E, V] aside) holds more than one tile's tokens (B x 8 /
+    4) per device."""
+    vocab = 202  # V / 2 = 101: a dim nothing else has (V / 8 is not whole: tokens split)
+    cfg, model, compiled_shapes = _step_on_tensor_2_context_4(vocab, helpers)
+    assert not step.gathers_tiles(model, 8, 64)
+
+    def vocab_buffers(loss_config):
+        return {s for s in compiled_shapes(loss_config) if vocab // 2 in s or vocab in s}
 
     def most_tokens(shapes):  # of the buffers with a vocabulary dim but not the head's [E, V]
         shapes = [s for s in shapes if cfg.d_model not in s]
@@ -227,19 +237,9 @@ def test_compiled_step_with_gathered_tiles_splits_the_vocabulary_over_every_devi
     V / 2 or V (the head's weights' slices [E, V / 2] aside): the head's weights are never
     gathered whole nor their gradient summed whole."""
     vocab = 104
-    cfg = dataclasses.replace(MODEL, vocab_size=vocab, dtype="float32", param_dtype="float32")
-    mesh = make_mesh(dict(tensor=2, context=4))
-    model, tx = Transformer(cfg, mesh), optax.adamw(1e-3)
+    cfg, model, compiled_shapes = _step_on_tensor_2_context_4(vocab, helpers)
     assert step.gathers_tiles(model, 8, 64)
-    abstract, shardings = state.state_shardings(model, tx, mesh, cfg.rules)
-    data = step.batch_sharding(mesh, mesh_axes_for(cfg.rules, "act_batch"))
-    dtypes = dict(weights=jnp.float32, answer_mask=jnp.bool_)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct((B, 64), dtypes.get(k, jnp.int32), sharding=data)
-        for k in step.BATCH_KEYS
-    }
-    jitted = step.jit_train_step(model, tx, shardings, data, mesh, LossConfig(chunk_size=8))
-    shapes = helpers.hlo_shapes(jitted.lower(abstract, abstract_batch).compile().as_text())
+    shapes = compiled_shapes(LossConfig(chunk_size=8))
     assert (B, 8, vocab // 8) in shapes  # a tile's logits: all its tokens, V / 8
     wide = {s for s in shapes if vocab in s or vocab // 2 in s}
     assert wide and all(cfg.d_model in s and np.prod(s) <= cfg.d_model * vocab // 2 for s in wide)
