@@ -13,11 +13,13 @@ natural-language passkey prompt (ringattn/evals/needle.py) at its trained length
 
 A bounded KV cache streams each prompt through itself --prefill_chunk tokens at a time (never
 attended densely) and answers from it: --cache=sink_window (--num_sinks, --window) or
---cache=retrieval (--window, --page_size, --top_pages: ringattn/decode/retrieval.py); --plot
-draws several runs' needle.json side by side:
+--cache=retrieval (--window, --page_size, --top_pages, --selection_block, --dense_layers:
+ringattn/decode/retrieval.py, docs/retrieval.md); --plot draws several runs' needle.json side by
+side:
 
   python experiments/needle.py --workdir=~/.cache/ringattn/smollm2/run --out=/tmp/needle_ret \
-      --lengths=2048,4096,8192 --num_samples=1 --cache=retrieval --window=252 --top_pages=12
+      --lengths=2048,4096,8192 --num_samples=1 --cache=retrieval --window=252 --top_pages=12 \
+      --selection_block=4 --dense_layers=2
   python experiments/needle.py --plot=/tmp/needle_smollm2/needle.json,/tmp/needle_ret/needle.json \
       --out=/tmp/needle_both
 

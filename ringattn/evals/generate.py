@@ -142,7 +142,8 @@ def _retrieval_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh):
             f"layers), got {spec.dense_layers!r}."
         )
 
-    def init(top_pages):
+    @functools.cache  # one (jitted) maker per top_pages, shared by the layers
+    def maker(top_pages):
         make = functools.partial(
             retrieval.init_cache, batch, spec.max_len, cfg.num_kv_heads, cfg.head_dim,
             jnp.dtype(spec.dtype), num_sinks=spec.num_sinks, window=spec.window,
@@ -151,14 +152,14 @@ def _retrieval_caches(cfg: ModelConfig, spec: CacheSpec, batch: int, mesh):
             host_pages=spec.host_pages,
         )  # fmt: skip
         if n == 1:
-            return make()
+            return make
         axes = (cfg.attention.axis, cache_batch_axes(cfg, mesh))
         shardings = retrieval.cache_sharding(jax.eval_shape(make), mesh, *axes)
-        return jax.jit(make, out_shardings=shardings)()
+        return jax.jit(make, out_shardings=shardings)
 
-    every = jax.eval_shape(lambda: init(spec.top_pages)).num_pages
+    every = jax.eval_shape(maker(spec.top_pages)).num_pages
     top = [every] * spec.dense_layers + [spec.top_pages] * (cfg.num_layers - spec.dense_layers)
-    return [init(t) for t in top]
+    return [maker(t)() for t in top]  # distinct buffers: each may be donated
 
 
 def prompt_batch(prompts, multiple=1):
