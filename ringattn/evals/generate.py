@@ -71,6 +71,11 @@ class CacheSpec:
         if layout is not None:
             deprecation.warn("CacheSpec(layout=...)", "CacheSpec(cache_layout=...)")
             object.__setattr__(self, "cache_layout", layout)
+        if self.dense_layers and self.kind != "retrieval":
+            raise ValueError(
+                f"CacheSpec: `dense_layers` ({self.dense_layers}) applies to a 'retrieval' cache "
+                f"(its lowest layers read every page); a {self.kind!r} cache has no pages."
+            )
 
 
 def decoding_model(cfg: ModelConfig, mesh=None) -> Transformer:

@@ -89,15 +89,20 @@ def cache_for(cache, length, quantize=False):
     return dataclasses.replace(cache, quantize=quantize or cache.quantize)
 
 
-def tokens_attended(spec, length, num_layers=1):
+def tokens_attended(spec, length, num_layers):
     """Tokens a decode step of a `length`-token context attends to (per KV head), averaged
-    over the `num_layers` layers when a retrieval cache's lowest `dense_layers` read every
-    token."""
+    over the model's `num_layers` layers (a retrieval cache's lowest `dense_layers` read every
+    token)."""
     if spec.kind == "full":
         return length
+    if spec.dense_layers > num_layers:
+        raise ValueError(
+            f"tokens_attended: `dense_layers` ({spec.dense_layers}) exceeds the model's "
+            f"{num_layers} layers."
+        )
     pages = spec.top_pages * spec.page_size if spec.kind == "retrieval" else 0
     bounded = min(length, spec.num_sinks + spec.window + pages)
-    dense = min(getattr(spec, "dense_layers", 0), num_layers)
+    dense = spec.dense_layers
     return round((dense * length + (num_layers - dense) * bounded) / num_layers)
 
 
